@@ -1,0 +1,411 @@
+"""Tf-KD losses: the virtual teacher (Tf-KD-reg), logit distillation (Tf-KD-self, KD) and label smoothing.
+
+Every loss takes student logits (B, K) and a target that is either class indices (B,) or dense soft targets
+(B, K) as timm's Mixup / CutMix produce them. All hard-target teachers here are *two-valued* (one value on the
+true class, another on every other class), so their cross-entropy and KL need only the student's log-softmax,
+its row sum and one gathered entry: no (B, K) teacher tensor and no loop over the batch.
+
+Two formulas exist because the reference code computes something other than the paper's equations:
+
+- ``paper``: Eq. 4 / 9 of Yuan et al. (CVPR 2020): KL(p^t_tau || p_tau) averaged over the batch, times tau^2.
+- ``official``: the reference implementation: ``KLDivLoss`` with reduction ``mean`` (divided by batch x K) times
+  a multiplier; for reg the teacher is softmax(probability vector / T) and the student has no temperature.
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMULAS = ('paper', 'official')
+SMOOTHING_CONVENTIONS = ('timm', 'reference')
+
+
+class LossTerms(NamedTuple):
+    """A loss and, detached for logging, its two parts before their (1 - alpha) / alpha weights."""
+    loss: torch.Tensor
+    task: torch.Tensor
+    kd: torch.Tensor
+
+
+class SmoothingEquivalence(NamedTuple):
+    """Label smoothing that an ``official`` reg loss equals, up to a constant: ``scale * LS(smoothing)``.
+
+    ``smoothing`` is in timm's convention (smoothing / K on every class); the reference convention
+    (smoothing / (K - 1) on wrong classes only) uses ``smoothing * (K - 1) / K``.
+    """
+    smoothing: float
+    scale: float
+
+
+class TwoValuedTeacher(NamedTuple):
+    """A hard-target teacher: probability ``p_true`` on the target class and ``p_other`` on each other class."""
+    p_true: float
+    p_other: float
+
+    def neg_entropy(self, num_classes: int) -> float:
+        return _xlogx(self.p_true) + (num_classes - 1) * _xlogx(self.p_other)
+
+
+def _xlogx(x: float) -> float:
+    return x * math.log(x) if x > 0.0 else 0.0
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+    return float(alpha)
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not value > 0.0:
+        raise ValueError(f'{name} must be > 0, got {value}')
+    return float(value)
+
+
+def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+    return value
+
+
+def check_target(logits: torch.Tensor, target: torch.Tensor) -> bool:
+    """Validate a (logits, target) pair and tell whether the target is dense.
+
+    Args:
+        logits: Student logits shaped (B, K).
+        target: Class indices (B,) or soft targets (B, K).
+
+    Returns:
+        True for dense soft targets, False for class indices.
+
+    Raises:
+        ValueError: Shapes or class indices do not fit the logits.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f'logits must be shaped (batch, classes), got {tuple(logits.shape)}')
+    batch, num_classes = logits.shape
+    if target.ndim == 2:
+        if tuple(target.shape) != (batch, num_classes) or not target.is_floating_point():
+            raise ValueError(
+                f'soft target must be a float tensor shaped {(batch, num_classes)}, '
+                f'got {target.dtype} {tuple(target.shape)}')
+        return True
+    if target.ndim != 1 or target.shape[0] != batch or target.is_floating_point():
+        raise ValueError(
+            f'target must be class indices shaped ({batch},) or soft targets shaped {(batch, num_classes)}, '
+            f'got {target.dtype} {tuple(target.shape)}')
+    if target.device.type == 'cpu':
+        if batch and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+            raise ValueError(
+                f'target class index must be in [0, {num_classes - 1}], got values in '
+                f'[{int(target.min())}, {int(target.max())}]')
+    else:
+        # A host-side check would synchronize the device every step; the async assert does not.
+        torch._assert_async(((target >= 0) & (target < num_classes)).all(), 'target class index out of range')
+    return False
+
+
+def _softmax_two_valued(logit_true: float, logit_other: float, num_classes: int) -> TwoValuedTeacher:
+    """Softmax of a K-vector holding ``logit_true`` once and ``logit_other`` K - 1 times."""
+    if logit_other == -math.inf:
+        return TwoValuedTeacher(1.0, 0.0)
+    top = max(logit_true, logit_other)
+    log_norm = top + math.log(math.exp(logit_true - top) + (num_classes - 1) * math.exp(logit_other - top))
+    return TwoValuedTeacher(math.exp(logit_true - log_norm), math.exp(logit_other - log_norm))
+
+
+class _DistillFunction(torch.autograd.Function):
+    """(1 - alpha) * CE(target, z) + alpha * kd_scale * KL(teacher || softmax(z / tau)), with a hand-written backward.
+
+    Cross-entropy costs two exponential passes over (B, K) (softmax forward and backward); so does this whole loss,
+    because the forward keeps exp(z - max) and exp((z - max) / tau) and the backward reuses them, and the log-softmax
+    itself is never written out: the closed forms need only its row sums and target entries. One autograd node
+    instead of a dozen is the rest of the saving (benchmarks/overhead.py). The gradient is
+    (1 - alpha) * (p * sum(q) - q) + alpha * kd_scale / tau * (p_tau - t), averaged over the batch (t sums to one).
+
+    ``teacher`` is a :class:`TwoValuedTeacher` (then ``target`` holds class indices) or dense (B, K) probabilities;
+    ``target`` holds class indices or soft targets. Returns the loss, then the CE and the scaled KL as
+    non-differentiable values for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, teacher, alpha, kd_scale, temperature):
+        # Half-precision logits (autocast) are upcast, as timm's cross-entropy is under autocast.
+        z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        shifted = z - z.amax(dim=-1, keepdim=True)
+        exp_shifted = shifted.exp()
+        exp_shifted_tau = exp_shifted if temperature == 1.0 else (shifted / temperature).exp_()
+        log_norm = exp_shifted.sum(dim=-1, keepdim=True).log_()
+        log_norm_tau = log_norm if temperature == 1.0 else exp_shifted_tau.sum(dim=-1, keepdim=True).log_()
+        # log p = shifted - log_norm and log p_tau = shifted / tau - log_norm_tau, never materialized.
+        if target.ndim == 2:
+            target = target.to(z.dtype)
+            task_rows = log_norm.squeeze(1) * target.sum(dim=-1) - (target * shifted).sum(dim=-1)
+        else:
+            shifted_true = shifted.gather(1, target.unsqueeze(1)).squeeze(1)
+            task_rows = log_norm.squeeze(1) - shifted_true
+        if isinstance(teacher, TwoValuedTeacher):
+            log_prob_tau_true = shifted_true / temperature - log_norm_tau.squeeze(1)
+            kl_rows = teacher.neg_entropy(z.shape[-1]) - (teacher.p_true - teacher.p_other) * log_prob_tau_true
+            if teacher.p_other > 0.0:
+                sum_log_probs_tau = shifted.sum(dim=-1) / temperature - z.shape[-1] * log_norm_tau.squeeze(1)
+                kl_rows = kl_rows - teacher.p_other * sum_log_probs_tau
+            ctx.teacher, dense_teacher = teacher, None
+        else:
+            dense_teacher = teacher.to(z.dtype)
+            cross_rows = log_norm_tau.squeeze(1) * dense_teacher.sum(dim=-1) - (
+                dense_teacher * shifted).sum(dim=-1) / temperature
+            kl_rows = torch.xlogy(dense_teacher, dense_teacher).sum(dim=-1) + cross_rows
+            ctx.teacher = None
+        task_loss = task_rows.mean()
+        kd_loss = kd_scale * kl_rows.mean()
+        same = temperature == 1.0
+        ctx.save_for_backward(exp_shifted, log_norm, None if same else exp_shifted_tau, None if same else log_norm_tau,
+                              target, dense_teacher)
+        ctx.coefs = (1.0 - alpha, alpha * kd_scale / temperature, logits.dtype)
+        ctx.mark_non_differentiable(task_loss, kd_loss)
+        loss = (1.0 - alpha) * task_loss + alpha * kd_loss
+        return loss.to(logits.dtype), task_loss, kd_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_task, _grad_kd):
+        exp_shifted, log_norm, exp_shifted_tau, log_norm_tau, target, dense_teacher = ctx.saved_tensors
+        task_coef, kd_coef, dtype = ctx.coefs
+        scale = grad_loss.to(exp_shifted.dtype) / exp_shifted.shape[0]
+        task_coef, kd_coef = task_coef * scale, kd_coef * scale
+        inv_norm = log_norm.neg().exp_()
+        # p = exp_shifted * inv_norm; soft targets weigh p by their row sum.
+        task_weight = inv_norm * task_coef if target.ndim == 1 else inv_norm * (task_coef * target.sum(-1, True))
+        if exp_shifted_tau is None:
+            grad = exp_shifted * (task_weight + inv_norm * kd_coef)
+        else:
+            grad = (exp_shifted * task_weight).addcmul_(exp_shifted_tau, log_norm_tau.neg().exp_() * kd_coef)
+        if dense_teacher is not None:
+            grad.sub_(dense_teacher * kd_coef)
+        else:
+            grad.sub_(kd_coef * ctx.teacher.p_other)
+        if target.ndim == 2:
+            grad.sub_(target * task_coef)
+        else:
+            on_target = task_coef if ctx.teacher is None else task_coef + kd_coef * (
+                ctx.teacher.p_true - ctx.teacher.p_other)
+            grad.scatter_add_(1, target.unsqueeze(1), (-on_target).expand(grad.shape[0], 1))
+        return grad.to(dtype), None, None, None, None, None
+
+
+class VirtualTeacherLoss(nn.Module):
+    """Tf-KD-reg: (1 - alpha) * CE + alpha * KL(virtual teacher || student).
+
+    The virtual teacher puts probability ``correct_prob`` (a) on the true class and (1 - a) / (K - 1) on each other
+    class. With soft targets q it is the same affine map of q, a * q + (1 - a) / (K - 1) * (1 - q), which equals the
+    mixture of the per-class virtual teachers that Mixup / CutMix mixed.
+
+    - ``paper`` (Eq. 9): teacher softmax(log p^d / tau), student softmax(z / tau), KL batch-mean, times tau^2.
+    - ``official``: teacher softmax(p^d / tau) (softmax of *probabilities*: nearly uniform), student log_softmax(z)
+      without temperature or tau^2, KL summed and divided by batch x K. See :func:`effective_smoothing`.
+
+    Both multiply the KL term by ``multiplier``.
+
+    Args:
+        alpha: Weight of the KL term, in [0, 1].
+        temperature: Softmax temperature tau, > 0.
+        correct_prob: Teacher probability on the true class, in (1/K, 1].
+        formula: 'paper' or 'official'.
+        multiplier: Extra factor on the KL term, > 0.
+    """
+
+    def __init__(
+            self,
+            alpha: float = 0.1,
+            temperature: float = 20.0,
+            correct_prob: float = 0.99,
+            formula: str = 'paper',
+            multiplier: float = 1.0,
+    ):
+        super().__init__()
+        self.alpha = _check_alpha(alpha)
+        self.temperature = _check_positive('temperature', temperature)
+        if not 0.0 < correct_prob <= 1.0:
+            raise ValueError(f'correct_prob must be in (1/K, 1], got {correct_prob}')
+        self.correct_prob = float(correct_prob)
+        self.formula = _check_choice('formula', formula, FORMULAS)
+        self.multiplier = _check_positive('multiplier', multiplier)
+
+    def extra_repr(self) -> str:
+        return (f'alpha={self.alpha}, temperature={self.temperature}, correct_prob={self.correct_prob}, '
+                f'formula={self.formula}, multiplier={self.multiplier}')
+
+    def _other_prob(self, num_classes: int) -> float:
+        if self.correct_prob <= 1.0 / num_classes:
+            raise ValueError(
+                f'correct_prob must be in (1/K, 1] = ({1.0 / num_classes:.6g}, 1] for K={num_classes}, '
+                f'got {self.correct_prob}')
+        return (1.0 - self.correct_prob) / (num_classes - 1)
+
+    def softened_teacher(self, num_classes: int) -> TwoValuedTeacher:
+        """The virtual teacher after its temperature, as the KL term sees it."""
+        other_prob = self._other_prob(num_classes)
+        if self.formula == 'official':
+            return _softmax_two_valued(self.correct_prob / self.temperature, other_prob / self.temperature, num_classes)
+        log_other = math.log(other_prob) if other_prob > 0.0 else -math.inf
+        return _softmax_two_valued(
+            math.log(self.correct_prob) / self.temperature, log_other / self.temperature, num_classes)
+
+    def _dense_teacher(self, target: torch.Tensor) -> torch.Tensor:
+        other_prob = self._other_prob(target.shape[-1])
+        probs = other_prob + (self.correct_prob - other_prob) * target
+        teacher_logits = probs if self.formula == 'official' else probs.log()
+        return F.softmax(teacher_logits / self.temperature, dim=-1)
+
+    def terms(self, logits: torch.Tensor, target: torch.Tensor) -> LossTerms:
+        """The loss with its CE and scaled KL parts."""
+        soft = check_target(logits, target)
+        num_classes = logits.shape[-1]
+        teacher = self._dense_teacher(target) if soft else self.softened_teacher(num_classes)
+        if self.formula == 'official':
+            kd_scale, student_temperature = self.multiplier / num_classes, 1.0
+        else:
+            kd_scale, student_temperature = self.multiplier * self.temperature ** 2, self.temperature
+        return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, student_temperature))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.terms(logits, target).loss
+
+
+class SelfDistillLoss(nn.Module):
+    """Logit distillation from a frozen teacher: (1 - alpha) * CE + alpha * tau^2 * m * KL(teacher_tau || student_tau).
+
+    Used for Tf-KD-self (teacher: the student's own architecture, trained first) and for normal, reversed (Re-KD)
+    and defective (De-KD) KD. ``paper`` averages the KL over the batch; ``official`` divides the summed KL by
+    batch x K, as the reference code's ``KLDivLoss()`` does (multiplier K turns it back into the batch mean).
+
+    Args:
+        alpha: Weight of the KL term, in [0, 1].
+        temperature: Softmax temperature tau, > 0.
+        formula: 'paper' or 'official'.
+        multiplier: Extra factor m on the KL term, > 0.
+    """
+
+    def __init__(self, alpha: float = 0.9, temperature: float = 20.0, formula: str = 'paper', multiplier: float = 1.0):
+        super().__init__()
+        self.alpha = _check_alpha(alpha)
+        self.temperature = _check_positive('temperature', temperature)
+        self.formula = _check_choice('formula', formula, FORMULAS)
+        self.multiplier = _check_positive('multiplier', multiplier)
+
+    def extra_repr(self) -> str:
+        return f'alpha={self.alpha}, temperature={self.temperature}, formula={self.formula}, multiplier={self.multiplier}'
+
+    def terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> LossTerms:
+        """The loss with its CE and scaled KL parts."""
+        check_target(logits, target)
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(
+                f'teacher_logits must have the student logits shape {tuple(logits.shape)}, '
+                f'got {tuple(teacher_logits.shape)}')
+        teacher = F.softmax(teacher_logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+                            / self.temperature, dim=-1)
+        kd_scale = self.multiplier * self.temperature ** 2
+        if self.formula == 'official':
+            kd_scale /= logits.shape[-1]
+        return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, self.temperature))
+
+    def forward(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.terms(logits, teacher_logits, target).loss
+
+
+class LabelSmoothingLoss(nn.Module):
+    """Cross-entropy against smoothed labels, the control Tf-KD is compared with.
+
+    - ``timm``: 1 - eps + eps / K on the true class, eps / K on every other (timm's LabelSmoothingCrossEntropy).
+    - ``reference``: 1 - eps on the true class, eps / (K - 1) on every other (the Tf-KD reference code).
+
+    Soft targets q get the same affine map: ``low + (high - low) * q``.
+
+    Args:
+        smoothing: eps, in [0, 1).
+        convention: 'timm' or 'reference'.
+    """
+
+    def __init__(self, smoothing: float = 0.1, convention: str = 'timm'):
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f'smoothing must be in [0, 1), got {smoothing}')
+        self.smoothing = float(smoothing)
+        self.convention = _check_choice('convention', convention, SMOOTHING_CONVENTIONS)
+
+    def extra_repr(self) -> str:
+        return f'smoothing={self.smoothing}, convention={self.convention}'
+
+    def smoothed_target(self, num_classes: int) -> TwoValuedTeacher:
+        """Smoothed target probabilities (true class, each other class)."""
+        if self.convention == 'timm':
+            other = self.smoothing / num_classes
+            return TwoValuedTeacher(1.0 - self.smoothing + other, other)
+        return TwoValuedTeacher(1.0 - self.smoothing, self.smoothing / (num_classes - 1))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        soft = check_target(logits, target)
+        smoothed = self.smoothed_target(logits.shape[-1])
+        if soft:
+            smoothed = smoothed.p_other + (smoothed.p_true - smoothed.p_other) * target
+            entropy = -torch.xlogy(smoothed, smoothed).sum(dim=-1).mean()
+        else:
+            entropy = -smoothed.neg_entropy(logits.shape[-1])
+        # H(t, p) = KL(t || p) + H(t): the KL-only function plus the (gradient-free) entropy of the target.
+        loss, _, _ = _DistillFunction.apply(logits, target, smoothed, 1.0, 1.0, 1.0)
+        return loss + entropy
+
+
+def effective_smoothing(
+        alpha: float,
+        temperature: float,
+        num_classes: int,
+        multiplier: float = 1.0,
+        correct_prob: float = 0.99,
+) -> SmoothingEquivalence:
+    """The label smoothing an ``official`` reg loss is, exactly, up to an additive constant.
+
+    The reference reg loss is (1 - alpha) * CE + alpha * m / K * H(t, p) - const with a two-valued teacher t, so it
+    equals ``scale * LS(smoothing)`` (timm's convention) with ``scale = (1 - alpha) + alpha * m / K`` and
+    ``smoothing = alpha * m * t_other / scale``. Since t is nearly uniform (t_other ~ 1 / K), smoothing is close to
+    ``(alpha * m / K) / scale``: e.g. 0.10 for the reference ResNet-18 setting, 0.16 for MobileNetV2.
+
+    Args:
+        alpha: Weight of the KL term.
+        temperature: The reg temperature T.
+        num_classes: K.
+        multiplier: The reference multiplier m.
+        correct_prob: The virtual teacher's a.
+
+    Returns:
+        The equivalent smoothing (timm convention) and loss scale.
+    """
+    loss = VirtualTeacherLoss(alpha, temperature, correct_prob, formula='official', multiplier=multiplier)
+    p_other = loss.softened_teacher(num_classes).p_other
+    scale = (1.0 - alpha) + alpha * multiplier / num_classes
+    return SmoothingEquivalence(smoothing=alpha * multiplier * p_other / scale, scale=scale)
+
+
+def create_tfkd_loss(
+        mode: str,
+        alpha: float = 0.1,
+        temperature: float = 20.0,
+        correct_prob: float = 0.99,
+        formula: str = 'paper',
+        multiplier: float = 1.0,
+        smoothing: float = 0.1,
+        smoothing_convention: str = 'timm',
+) -> Optional[nn.Module]:
+    """Build the criterion for a Tf-KD mode ('lsr', 'reg', 'self' or 'kd'); None for 'none'."""
+    if mode == 'none':
+        return None
+    if mode == 'lsr':
+        return LabelSmoothingLoss(smoothing, smoothing_convention)
+    if mode == 'reg':
+        return VirtualTeacherLoss(alpha, temperature, correct_prob, formula, multiplier)
+    if mode in ('self', 'kd'):
+        return SelfDistillLoss(alpha, temperature, formula, multiplier)
+    raise ValueError(f"mode must be one of none, lsr, reg, self, kd, got '{mode}'")
