@@ -2,6 +2,7 @@
 import argparse
 import os
 import pickle
+import re
 from typing import Any, Dict
 
 import torch
@@ -52,10 +53,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        unsafe = re.search(r'GLOBAL (\S+)', str(e))
+        if unsafe is None:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt or not a torch file") from None
         raise CheckpointError(
-            f"checkpoint '{path}' holds pickled objects other than tensors and plain containers, "
-            f"refused for safety (only weights_only=True loading is allowed): {first_line}") from None
+            f"checkpoint '{path}' holds a pickled object ({unsafe.group(1)}), not only tensors and plain containers: "
+            f"refused for safety, weights are only read with weights_only=True") from None
     except Exception as e:  # zip / EOF / magic-number errors from truncated or foreign files
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a torch file: {type(e).__name__}: {e}") from None
     if not isinstance(checkpoint, dict):

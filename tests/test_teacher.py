@@ -1,0 +1,179 @@
+"""The frozen teacher: every source, every mismatch, normalization, and the speed-ups' exactness."""
+import argparse
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+from timm.utils import CheckpointSaver
+
+from timm_tfkd import SelfTeacher, TeacherError, create_self_teacher, fold_batch_norms
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = (0.5, 0.5, 0.5)  # test_resnet's own normalization
+
+
+def _model(name='test_resnet', num_classes=5, in_chans=3, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=False)
+    # Non-trivial batch norm statistics, so folding has something to fold.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _timm_checkpoint(folder, model):
+    os.makedirs(folder, exist_ok=True)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            args=argparse.Namespace(model='test_resnet', mean=None, std=None),
+                            checkpoint_dir=str(folder), recovery_dir=str(folder))
+    saver.save_checkpoint(0, 1.0)
+    return folder
+
+
+def _build(source, model_name='test_resnet', num_classes=5, in_chans=3, mean=HALF, std=HALF):
+    return create_self_teacher(source, model_name, num_classes, in_chans, mean, std)
+
+
+def _x(channels=3, size=16, batch=4, seed=1):
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _same_logits(teacher, model, x):
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), model(x), rtol=0, atol=0)
+
+
+def test_from_timm_training_checkpoint_and_run_dir_prefers_best(tmp_path):
+    model, best, later = _model(seed=0), _model(seed=0), _model(seed=1)
+    args = argparse.Namespace(model='test_resnet')
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, 2.0)
+    model.load_state_dict(later.state_dict())
+    saver.save_checkpoint(1, 1.0)  # worse: rewrites last.pth.tar, keeps model_best.pth.tar
+    _same_logits(_build(str(tmp_path)), best, _x())
+    _same_logits(_build(str(tmp_path / 'last.pth.tar')), later, _x())
+
+
+def test_architecture_read_from_checkpoint_args(tmp_path):
+    model = _model()
+    _timm_checkpoint(tmp_path / 'run', model)
+    teacher = _build(str(tmp_path / 'run' / 'model_best.pth.tar'), model_name=None)
+    assert teacher.identity['model'] == 'test_resnet'
+    assert len(teacher.identity['sha256']) == 64
+    assert teacher.identity['source'] == 'model_best.pth.tar'
+
+
+def test_from_safetensors_pth_local_dir_and_module(tmp_path):
+    model = _model()
+    save_file(model.state_dict(), tmp_path / 'w.safetensors')
+    torch.save(model.state_dict(), tmp_path / 'w.pth')
+    save_for_hf(model, tmp_path / 'hf')
+    for source in (str(tmp_path / 'w.safetensors'), str(tmp_path / 'w.pth'), f'local-dir:{tmp_path / "hf"}', model):
+        _same_logits(_build(source), model, _x())
+
+
+@pytest.mark.parametrize('make_source,message', [
+    (lambda p: str(p / 'missing.pth'), 'does not exist'),
+    (lambda p: (p / 'bad.pth').write_bytes(b'not a checkpoint') and str(p / 'bad.pth'), 'corrupt'),
+    (lambda p: (p / 'bad.safetensors').write_bytes(b'\x00' * 20) and str(p / 'bad.safetensors'), 'safetensors'),
+    (lambda p: str(p), 'no model_best.pth.tar or last.pth.tar'),
+])
+def test_unreadable_sources(tmp_path, make_source, message):
+    with pytest.raises(TeacherError, match=message):
+        _build(make_source(tmp_path))
+
+
+class Payload:
+    """Any class outside the weights_only allow-list."""
+
+
+def test_pickled_objects_refused(tmp_path):
+    torch.save({'state_dict': _model().state_dict(), 'extra': Payload()}, tmp_path / 'evil.pth')
+    with pytest.raises(TeacherError, match=r'pickled object \(test_teacher.Payload\).*refused for safety'):
+        _build(str(tmp_path / 'evil.pth'))
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(num_classes=7), r'teacher checkpoint has 5 classes \(fc.weight \(5, '),
+    (dict(in_chans=1, mean=(0.5,), std=(0.5,)), r'teacher checkpoint has 3 input channels \(conv1.0.weight \(16, 3, 3, 3\)\) but the student has 1'),
+    (dict(model_name='resnet18'), "does not fit architecture 'resnet18'"),
+    (dict(model_name='no_such_model'), "unknown teacher model 'no_such_model'"),
+])
+def test_checkpoint_mismatches_say_what_differs(tmp_path, kwargs, message):
+    torch.save(_model().state_dict(), tmp_path / 'w.pth')
+    with pytest.raises(TeacherError, match=message):
+        _build(str(tmp_path / 'w.pth'), **kwargs)
+
+
+def test_module_mismatch_says_what_differs():
+    with pytest.raises(TeacherError, match=r'has 5 classes \(student: 9\)'):
+        _build(_model(), num_classes=9)
+
+
+def test_always_eval_frozen_and_inference():
+    teacher = _build(_model())
+    teacher.train()
+    assert not teacher.training and not teacher.model.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    logits = teacher(_x())
+    assert not logits.requires_grad and not logits.is_inference()
+
+
+def test_one_channel_student_with_rgb_teacher_statistics():
+    """timm's own DistillationTeacher crashes here (3-channel mean on a 1-channel input)."""
+    model = _model(in_chans=1)
+    teacher = create_self_teacher(model, 'test_resnet', 5, 1, student_mean=(0.5,), student_std=(0.25,),
+                                  teacher_mean=IMAGENET[0], teacher_std=IMAGENET[1])
+    x = _x(channels=1)
+    raw = x * 0.25 + 0.5
+    mean_t, std_t = sum(IMAGENET[0]) / 3, sum(IMAGENET[1]) / 3
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), model((raw - mean_t) / std_t), rtol=1e-5, atol=1e-5)
+
+
+def test_renormalizes_between_different_statistics():
+    model = _model()
+    teacher = create_self_teacher(model, 'test_resnet', 5, 3, student_mean=(0.5, 0.5, 0.5),
+                                  student_std=(0.5, 0.5, 0.5), teacher_mean=IMAGENET[0], teacher_std=IMAGENET[1])
+    x = _x()
+    raw = x * 0.5 + 0.5
+    expected = (raw - torch.tensor(IMAGENET[0]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), model(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['test_resnet', 'test_efficientnet', 'mobilenetv3_small_050', 'regnetx_002',
+                                  'densenet121', 'cifar_resnet18', 'test_convnext', 'test_byobnet'])
+@pytest.mark.parametrize('channels_last,fuse_bn', [(True, False), (False, True), (True, True)])
+def test_fp32_speed_ups_keep_logits(name, channels_last, fuse_bn):
+    model = _model(name)
+    reference = SelfTeacher(_model(name), *IMAGENET)(_x(size=32))
+    teacher = SelfTeacher(model, *IMAGENET).speed_up(_x(size=32, seed=5), channels_last=channels_last,
+                                                      fuse_bn=fuse_bn)
+    logits = teacher(_x(size=32))
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+
+
+def test_fuse_bn_removes_norms_that_follow_convolutions():
+    model = _model('test_resnet')
+    norms_before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batch_norms(model, _x())
+    norms_after = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert folded > 0 and norms_after == norms_before - folded
+
+
+def test_bfloat16_teacher_within_documented_tolerance():
+    reference = SelfTeacher(_model(), *IMAGENET)(_x())
+    teacher = SelfTeacher(_model(), *IMAGENET).speed_up(_x(seed=5), dtype='bfloat16')
+    logits = teacher(_x())
+    assert logits.dtype == torch.float32
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 5e-2

@@ -1,0 +1,135 @@
+"""The ``timm-tfkd`` command: export a training run for the Hub and upload it.
+
+Each subcommand is registered by one ``add_*_command(subparsers)`` function that sets a ``handler``; a new
+subcommand adds its function to :data:`SUBCOMMANDS`.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from .checkpoint_io import CheckpointError
+from .hub import ExportError, HubUploadError, InvalidRepoIdError, export_run, is_export, push_run, push_to_hub
+from .version import __version__
+
+PROG = 'timm-tfkd'
+# Errors caused by what the user asked for: reported in one line, exit status 2, no traceback.
+USER_ERRORS = (ExportError, InvalidRepoIdError, CheckpointError)
+
+
+class UsageError(Exception):
+    """A command line that argparse rejected."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of printing usage and exiting, so main() owns the exit status."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export RUN_DIR OUT_DIR``."""
+    parser = subparsers.add_parser(
+        'export', help='Write a Hub-ready folder (safetensors weights, timm config, Tf-KD metadata, model card).')
+    parser.add_argument('run_dir', metavar='RUN_DIR', help='Training output folder.')
+    parser.add_argument('out_dir', metavar='OUT_DIR', help='New, empty, or previous export folder.')
+    parser.add_argument(
+        '--checkpoint', default='best', metavar='best|last|PATH',
+        help='best: model_best.pth.tar (else last.pth.tar); last: last.pth.tar; or a checkpoint file. '
+             'Default: best.')
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument('--ema', dest='use_ema', action='store_true', default=None,
+                     help='Export the EMA weights.')
+    ema.add_argument('--no-ema', dest='use_ema', action='store_false',
+                     help='Export the plain model weights.')
+    parser.set_defaults(handler=run_export)
+    return parser
+
+
+def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``push RUN_DIR REPO_ID``."""
+    parser = subparsers.add_parser(
+        'push', help='Export a training run (best checkpoint, EMA when it evaluated better) and upload it. '
+                     'The token comes from HF_TOKEN or `hf auth login`.')
+    parser.add_argument('run_dir', metavar='RUN_DIR', help='Training output folder, or an export folder.')
+    parser.add_argument('repo_id', metavar='REPO_ID', help='Hub model id, org/name.')
+    parser.add_argument('--private', action='store_true', help='Create the repo as private.')
+    parser.add_argument('--revision', default=None, metavar='REV', help='Branch to commit to. Default: main.')
+    parser.add_argument('--commit-message', default=None, metavar='MSG', help='Commit message.')
+    parser.add_argument('--export-dir', default=None, metavar='DIR',
+                        help='Where to export. Default: RUN_DIR/hub_export.')
+    parser.set_defaults(handler=run_push)
+    return parser
+
+
+SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
+    add_export_command,
+    add_push_command,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``timm-tfkd`` parser with every subcommand of :data:`SUBCOMMANDS`."""
+    parser = _Parser(prog=PROG, description='Teacher-free Knowledge Distillation for timm: Hub tools.')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for add_command in SUBCOMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``export``: prints the export folder."""
+    folder = export_run(args.run_dir, args.out_dir, checkpoint=args.checkpoint, use_ema=args.use_ema)
+    print(folder)
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Handler of ``push``: an export folder is uploaded as is, a run folder is exported first. Prints the commit."""
+    options = dict(private=args.private, revision=args.revision, commit_message=args.commit_message)
+    if is_export(args.run_dir):
+        if args.export_dir is not None:
+            raise ExportError(f"'{args.run_dir}' is already an export folder; --export-dir does not apply")
+        url = push_to_hub(args.run_dir, args.repo_id, **options)
+    else:
+        url = push_run(Path(args.run_dir), args.repo_id, export_dir=args.export_dir, **options)
+    print(url)
+    return 0
+
+
+def _fail(message: str) -> None:
+    print(f'{PROG}: error: {message}', file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``timm-tfkd`` command.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        0 on success, 1 when an upload failed (the retry command is printed), 2 on bad input.
+    """
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help and --version
+        return int(e.code or 0)
+    except UsageError as e:
+        _fail(str(e))
+        return 2
+    try:
+        return args.handler(args)
+    except USER_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 2
+    except HubUploadError as e:
+        _fail(str(e))
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The frozen teacher of Tf-KD-self and KD: built once, always in eval, never trained, saved or wrapped."""
+import hashlib
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import resolve_data_config
+from timm.layers import BatchNormAct2d
+from timm.models import create_model
+
+from .checkpoint_io import CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint
+
+_logger = logging.getLogger(__name__)
+
+TEACHER_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+HUB_PREFIXES = ('hf-hub:', 'local-dir:')
+# Speed-ups in fp32 must not move the logits more than this (relative to their largest magnitude).
+FP32_RTOL = 1e-5
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be built or does not fit the student."""
+
+
+def channel_stats(values: Sequence[float], channels: int, name: str) -> Tuple[float, ...]:
+    """Fit per-channel normalization values to ``channels``: repeat one value, or average RGB for 1 channel.
+
+    timm resolves ImageNet's 3-value mean / std even for ``in_chans=1`` models; averaging them is what a
+    grayscale image normalized the RGB way sees on average.
+    """
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise TeacherError(f'{name} has {len(values)} values but the model has {channels} input channels')
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        digest.update(key.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+    return digest.hexdigest()
+
+
+def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor], model_name: str) -> str:
+    """One line saying how a state dict differs from a model: classes, channels, or architecture."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    own = model.state_dict()
+    classifier = cfg.get('classifier')
+    classifier = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
+    first_conv = cfg.get('first_conv')
+    first_conv = first_conv[0] if isinstance(first_conv, (list, tuple)) else first_conv
+    head_key = f'{classifier}.weight'
+    if head_key in state_dict and head_key in own and state_dict[head_key].shape[0] != own[head_key].shape[0]:
+        return (f'teacher checkpoint has {state_dict[head_key].shape[0]} classes ({head_key} '
+                f'{tuple(state_dict[head_key].shape)}) but the student has {own[head_key].shape[0]}')
+    conv_key = f'{first_conv}.weight'
+    if conv_key in state_dict and conv_key in own and state_dict[conv_key].shape[1] != own[conv_key].shape[1]:
+        return (f'teacher checkpoint has {state_dict[conv_key].shape[1]} input channels ({conv_key} '
+                f'{tuple(state_dict[conv_key].shape)}) but the student has {own[conv_key].shape[1]}')
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} missing keys (e.g. {missing[0]})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
+    if shapes:
+        parts.append(f'{len(shapes)} shape mismatches (e.g. {shapes[0]}: checkpoint '
+                     f'{tuple(state_dict[shapes[0]].shape)}, model {tuple(own[shapes[0]].shape)})')
+    return f"teacher checkpoint does not fit architecture '{model_name}': " + ', '.join(parts)
+
+
+def fold_batch_norms(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Fold eval-mode batch norms into the convolution that feeds them, in place.
+
+    Which convolution feeds which norm is read from one traced forward (hooks see the actual tensors), so the
+    fold follows the data flow rather than module names. Callers verify the logits afterwards.
+
+    Returns:
+        How many batch norms were folded.
+    """
+    conv_outputs: Dict[int, Tuple[nn.Conv2d, torch.Tensor]] = {}
+    pairs, calls = [], {}
+
+    def after_conv(module, _inputs, output):
+        conv_outputs[id(output)] = (module, output)
+
+    def before_norm(module, inputs):
+        found = conv_outputs.get(id(inputs[0]))
+        if found is not None and found[1] is inputs[0]:
+            pairs.append((found[0], module))
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(lambda m, i: calls.__setitem__(m, calls.get(m, 0) + 1)))
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(after_conv))
+        elif type(module) in (nn.BatchNorm2d, BatchNormAct2d):
+            handles.append(module.register_forward_pre_hook(before_norm))
+    try:
+        with torch.inference_mode():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    parents = {child: (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    # A conv or norm used twice (shared weights) cannot be folded for one use only.
+    used_once = [(conv, norm) for conv, norm in pairs if calls.get(conv) == 1 and calls.get(norm) == 1]
+    for conv, norm in used_once:
+        with torch.no_grad():
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps) if norm.affine else \
+                1.0 / torch.sqrt(norm.running_var + norm.eps)
+            shift = (norm.bias if norm.affine else 0.0) - norm.running_mean * scale
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        parent, name = parents[norm]
+        replacement = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else nn.Identity()
+        setattr(parent, name, replacement)
+    return len(used_once)
+
+
+class SelfTeacher(nn.Module):
+    """A frozen teacher network producing logits for the student's (already normalized) input.
+
+    It is always in eval mode, runs under ``torch.inference_mode()``, has no trainable parameters, and keeps its
+    weights out of the student's checkpoint and optimizer (the tasks only ever hand the student to those). Inputs
+    normalized for the student are re-normalized for the teacher when their statistics differ.
+
+    Args:
+        model: The teacher network, with weights loaded.
+        student_mean: Per-channel mean the student's input was normalized with.
+        student_std: Per-channel std the student's input was normalized with.
+        teacher_mean: Mean the teacher was trained with (defaults to the student's).
+        teacher_std: Std the teacher was trained with (defaults to the student's).
+        identity: Where the weights came from and their checksum, for run metadata.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            student_mean: Sequence[float],
+            student_std: Sequence[float],
+            teacher_mean: Optional[Sequence[float]] = None,
+            teacher_std: Optional[Sequence[float]] = None,
+            identity: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        channels = getattr(model, 'in_chans', len(student_mean))
+        student_mean = channel_stats(student_mean, channels, 'student mean')
+        student_std = channel_stats(student_std, channels, 'student std')
+        teacher_mean = channel_stats(teacher_mean or student_mean, channels, 'teacher mean')
+        teacher_std = channel_stats(teacher_std or student_std, channels, 'teacher std')
+        # x_teacher = (x * std_s + mean_s - mean_t) / std_t = x * gain + offset
+        self.renormalize = (student_mean, student_std) != (teacher_mean, teacher_std)
+        gain = torch.tensor(student_std) / torch.tensor(teacher_std)
+        offset = (torch.tensor(student_mean) - torch.tensor(teacher_mean)) / torch.tensor(teacher_std)
+        self.register_buffer('input_gain', gain.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('input_offset', offset.view(1, -1, 1, 1), persistent=False)
+        self.identity = identity or {}
+        self.channels_last = False
+        self.compute_dtype = torch.float32
+        self._forward_model = self.model
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def train(self, mode: bool = True) -> 'SelfTeacher':
+        """Stay in eval mode whatever the task asks: the teacher's batch norms and dropout never train."""
+        return super().train(False)
+
+    def speed_up(
+            self,
+            example_input: torch.Tensor,
+            channels_last: bool = False,
+            fuse_bn: bool = False,
+            dtype: str = 'float32',
+            compile: bool = False,
+    ) -> 'SelfTeacher':
+        """Apply the optional speed-ups, checking fp32 ones keep the logits of the plain teacher.
+
+        Args:
+            example_input: A representative student input (any batch size) to check the logits on.
+            channels_last: Run convolutions in channels_last memory format.
+            fuse_bn: Fold batch norms into convolutions.
+            dtype: 'float32', or 'bfloat16' / 'float16' (changes logits by roughly 1e-2 relative).
+            compile: torch.compile the forward.
+
+        Raises:
+            TeacherError: An fp32 speed-up changed the logits beyond ``FP32_RTOL``.
+        """
+        reference = self(example_input)
+        if fuse_bn:
+            folded = fold_batch_norms(self.model, self._prepare(example_input))
+            _logger.info(f'Teacher: folded {folded} batch norms into convolutions')
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        fp32_logits = self(example_input)
+        error = (fp32_logits - reference).abs().max() / reference.abs().max().clamp_min(1e-12)
+        if error > FP32_RTOL:
+            raise TeacherError(f'teacher speed-ups changed the logits by {error:.2e} relative (> {FP32_RTOL:g})')
+        if dtype != 'float32':
+            self.compute_dtype = TEACHER_DTYPES[dtype]
+            self.model.to(self.compute_dtype)
+            error = (self(example_input) - reference).abs().max() / reference.abs().max().clamp_min(1e-12)
+            _logger.info(f'Teacher: {dtype} logits differ from float32 by {error:.2e} relative')
+        if compile:
+            self._forward_model = torch.compile(self.model)
+        return self
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renormalize:
+            x = x * self.input_gain + self.input_offset
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (float32, outside inference mode so autograd may read them)."""
+        with torch.inference_mode():
+            logits = self._forward_model(self._prepare(x)).float()
+        return logits.clone()
+
+
+def _read_teacher_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Weights and what the checkpoint knows of its training run (``args`` of a timm training checkpoint)."""
+    file_path = resolve_run_dir_checkpoint(path) if os.path.isdir(path) else path
+    checkpoint = read_checkpoint(file_path)
+    state_dict = extract_state_dict(checkpoint)
+    run_args = checkpoint.get('args')
+    run_args = vars(run_args) if run_args is not None and not isinstance(run_args, dict) else (run_args or {})
+    identity = {'source': os.path.basename(os.path.normpath(path)), 'sha256': _sha256(file_path)}
+    return state_dict, {'args': run_args, 'identity': identity}
+
+
+def _check_fits_student(model: nn.Module, num_classes: int, in_chans: int, source: str) -> None:
+    problems = []
+    if getattr(model, 'num_classes', num_classes) != num_classes:
+        problems.append(f'{model.num_classes} classes (student: {num_classes})')
+    if getattr(model, 'in_chans', in_chans) != in_chans:
+        problems.append(f'{model.in_chans} input channels (student: {in_chans})')
+    if problems:
+        raise TeacherError(f"teacher '{source}' has " + ' and '.join(problems))
+
+
+def create_self_teacher(
+        source: Union[str, nn.Module],
+        model_name: Optional[str],
+        num_classes: int,
+        in_chans: int,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        teacher_mean: Optional[Sequence[float]] = None,
+        teacher_std: Optional[Sequence[float]] = None,
+        device: Optional[torch.device] = None,
+) -> SelfTeacher:
+    """Build a frozen teacher from a checkpoint, the Hub, timm's pretrained weights or a module.
+
+    Args:
+        source: A timm training checkpoint, ``.safetensors`` / ``.pth`` file or training output folder (with
+            ``model_name`` the architecture, else the one recorded in the checkpoint's ``args``);
+            ``hf-hub:org/name`` or ``local-dir:/path``; ``pretrained`` or ``pretrained:TAG`` for timm's weights of
+            ``model_name``; or an ``nn.Module`` with its weights.
+        model_name: timm architecture of the teacher.
+        num_classes: The student's number of classes; the teacher must match.
+        in_chans: The student's input channels; the teacher must match.
+        student_mean: The student's input normalization mean.
+        student_std: The student's input normalization std.
+        teacher_mean: The teacher's normalization mean, when known better than its checkpoint or config says.
+        teacher_std: Likewise for std.
+        device: Where the teacher runs.
+
+    Raises:
+        TeacherError: The source is missing, unreadable, or does not fit the student.
+    """
+    identity: Dict[str, Any]
+    run_args: Dict[str, Any] = {}
+    if isinstance(source, nn.Module):
+        model, identity = source, {'source': type(source).__name__}
+    elif source.startswith(HUB_PREFIXES):
+        try:
+            model = create_model(source, pretrained=True)
+        except Exception as e:  # hub / file errors from timm and huggingface_hub, all fatal here
+            raise TeacherError(f"cannot load teacher '{source}': {type(e).__name__}: {e}") from None
+        identity = {'source': source if source.startswith('hf-hub:') else os.path.basename(source.rstrip('/'))}
+    elif source == 'pretrained' or source.startswith('pretrained:'):
+        if not model_name:
+            raise TeacherError(f"teacher '{source}' needs a teacher model name")
+        tag = source.partition(':')[2]
+        full_name = f'{model_name}.{tag}' if tag else model_name
+        try:
+            model = create_model(full_name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        except Exception as e:
+            raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {type(e).__name__}: {e}") from None
+        identity = {'source': f'timm:{full_name}'}
+    else:
+        if not os.path.exists(source):
+            raise TeacherError(f"teacher checkpoint '{source}' does not exist")
+        try:
+            state_dict, info = _read_teacher_state_dict(source)
+        except CheckpointError as e:
+            raise TeacherError(str(e)) from None
+        run_args, identity = info['args'], info['identity']
+        model_name = model_name or run_args.get('model')
+        if not model_name:
+            raise TeacherError(f"cannot tell the architecture of teacher '{source}': give the teacher model name")
+        try:
+            model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **run_args.get(
+                'model_kwargs', {}))
+        except RuntimeError as e:
+            raise TeacherError(f"unknown teacher model '{model_name}': {e}") from None
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError:
+            raise TeacherError(_describe_mismatch(model, state_dict, model_name)) from None
+        identity['model'] = model_name
+    identity.setdefault('model', model_name or getattr(model, 'default_cfg', {}).get('architecture'))
+    _check_fits_student(model, num_classes, in_chans, identity.get('source', str(source)))
+    if 'sha256' not in identity:
+        identity['sha256'] = _state_dict_sha256(model.state_dict())
+
+    if teacher_mean is None or teacher_std is None:
+        # The teacher saw what its own run normalized with: the run's args, else the model's config.
+        config = resolve_data_config(run_args, model=model)
+        teacher_mean = teacher_mean or config['mean']
+        teacher_std = teacher_std or config['std']
+    teacher = SelfTeacher(model, student_mean, student_std, teacher_mean, teacher_std, identity=identity)
+    return teacher.to(device) if device is not None else teacher
