@@ -273,6 +273,9 @@ UNSUPPORTED_ARGV = {
     'tta': ['--tta', '2'],
     'save_images': ['--save-images'],
     'class_stats': ['--class-stats', 'stats.json'],
+    'loss_weight_power': ['--loss-weight-power', '0.5'],
+    'task': ['--task', 'multilabel'],
+    'target_format': ['--target-format', 'multi_hot'],
 }
 
 
@@ -295,7 +298,7 @@ def test_unsupported_flag_is_refused(dest):
     ['--tfkd-mode', 'self', '--tfkd-teacher-checkpoint', 'run/model_best.pth.tar'],
     ['--tfkd-mode', 'kd', '--tfkd-teacher-checkpoint', 'pretrained', '--tfkd-teacher-model', 'resnet50'],
     ['--kd-model-name', 'resnet50'],
-    ['--task', 'multilabel'],
+    ['--tfkd-mode', 'kd', '--tfkd-teacher-checkpoint', 'run/model_best.pth.tar'],
     ['--tfkd-mode', 'reg', '--tfkd-alpha', '0', '--tfkd-correct-prob', '1'],
 ])
 def test_supported_settings_pass(argv):
@@ -305,10 +308,10 @@ def test_supported_settings_pass(argv):
 @pytest.mark.parametrize('argv, match', [
     (['--tfkd-mode', 'reg', '--kd-model-name', 'resnet50'], '--kd-model-name'),
     (['--tfkd-mode', 'lsr', '--kd-model-name', 'resnet50'], '--kd-model-name'),
-    (['--tfkd-mode', 'reg', '--task', 'multilabel'], 'multilabel'),
+    (['--tfkd-mode', 'reg', '--bce-loss'], '--bce-loss'),
+    (['--tfkd-mode', 'self', '--tfkd-teacher-checkpoint', 't.pth', '--loss', 'poly'], '--loss poly'),
     (['--tfkd-mode', 'self'], '--tfkd-teacher-checkpoint'),
     (['--tfkd-mode', 'kd', '--tfkd-teacher-model', 'resnet50'], '--tfkd-teacher-checkpoint'),
-    (['--tfkd-mode', 'kd', '--tfkd-teacher-checkpoint', 'teacher.pth'], '--tfkd-teacher-model'),
     (['--tfkd-mode', 'reg', '--tfkd-alpha', '1.5'], '--tfkd-alpha'),
     (['--tfkd-mode', 'reg', '--tfkd-alpha', '-0.1'], '--tfkd-alpha'),
     (['--tfkd-mode', 'reg', '--tfkd-alpha', 'nan'], '--tfkd-alpha'),

@@ -12,6 +12,7 @@ import yaml
 from timm.loss import LOSS_TYPES
 
 from ..args import add_tfkd_args
+from ..hub import add_hub_args
 
 # Flags that timm 1.0.31 added after the train.py snapshot in tests/data/timm_train_args.json.
 TIMM_1_0_31_FLAGS = (
@@ -47,6 +48,9 @@ UNSUPPORTED_FLAGS = {
     'tta': 'test-time augmentation in validation',
     'save_images': 'saving input images',
     'class_stats': 'class statistics for loss weighting',
+    'loss_weight_power': 'class statistics for loss weighting',
+    'task': 'multi-label training',
+    'target_format': 'multi-label training',
 }
 
 class UsageError(ValueError):
@@ -98,6 +102,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_ema_args(parser)
     _add_misc_args(parser)
     add_tfkd_args(parser)
+    add_hub_args(parser)
     return parser
 
 
@@ -929,12 +934,12 @@ def check_supported(args: argparse.Namespace) -> None:
     if mode != 'none' and args.kd_model_name is not None:
         raise UsageError(f"--kd-model-name (timm's distillation) and --tfkd-mode {mode} are two different "
                          f"distillation methods; use one of them")
-    if mode != 'none' and args.task != 'classification':
-        raise UsageError(f'--tfkd-mode {mode} needs single-label classification, not --task {args.task}')
+    if mode != 'none' and (args.bce_loss or args.loss not in (None, 'ce')):
+        loss = '--bce-loss' if args.bce_loss else f'--loss {args.loss}'
+        raise UsageError(f'{loss} cannot be combined with --tfkd-mode {mode}: Tf-KD losses are built on softmax '
+                         f'cross-entropy')
     if mode in ('self', 'kd') and not args.tfkd_teacher_checkpoint:
         raise UsageError(f'--tfkd-mode {mode} needs --tfkd-teacher-checkpoint (the trained teacher weights)')
-    if mode == 'kd' and not args.tfkd_teacher_model:
-        raise UsageError('--tfkd-mode kd needs --tfkd-teacher-model (the teacher architecture)')
     # Written as `not (inside range)` so NaN is refused too.
     if not 0.0 <= args.tfkd_alpha <= 1.0:
         raise UsageError(f'--tfkd-alpha must be in [0, 1], got {args.tfkd_alpha:g}')

@@ -1,0 +1,189 @@
+"""Model, criterion, task, optimizer and precision: everything built from the arguments before training starts."""
+import argparse
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from timm.data import resolve_data_config
+from timm.layers import convert_sync_batchnorm, set_fast_norm
+from timm.loss import create_classification_loss
+from timm.models import create_model
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.task import TrainingTask
+from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+from timm.utils import NativeScaler
+
+from ..tasks import create_tfkd_task
+from .args import UsageError
+from .data import resolve_channel_stats
+
+_logger = logging.getLogger(__name__)
+
+MODEL_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+@dataclass
+class Precision:
+    """The model dtype and the AMP context / scaler that go with it."""
+    model_dtype: Optional[torch.dtype]
+    autocast: Callable
+    loss_scaler: Optional[NativeScaler]
+
+
+def create_precision(args: argparse.Namespace, device: torch.device) -> Precision:
+    """AMP as timm does it: float16 with a grad scaler on CUDA, bfloat16 without one."""
+    model_dtype = MODEL_DTYPES[args.model_dtype] if args.model_dtype else None
+    if args.model_dtype and args.model_dtype not in MODEL_DTYPES:
+        raise UsageError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got '{args.model_dtype}'")
+    if not args.amp:
+        return Precision(model_dtype, nullcontext, None)
+    if args.amp_dtype not in ('float16', 'bfloat16'):
+        raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
+    if model_dtype not in (None, torch.float32):
+        raise UsageError('--amp needs a float32 model (--model-dtype float32 or unset)')
+    amp_dtype = MODEL_DTYPES[args.amp_dtype]
+    scaler = NativeScaler(device=device.type) if device.type == 'cuda' and amp_dtype == torch.float16 else None
+    return Precision(model_dtype, partial(torch.autocast, device_type=device.type, dtype=amp_dtype), scaler)
+
+
+def create_student(args: argparse.Namespace) -> nn.Module:
+    """``timm.create_model`` with every model flag of timm's ``train.py``."""
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    overlay = dict(args.pretrained_cfg_overlay or {})
+    if args.pretrained_path:
+        overlay = dict(file=args.pretrained_path, num_classes=-1, **overlay)  # -1: adapt the head
+    if args.fast_norm:
+        set_fast_norm()
+    try:
+        model = create_model(
+            args.model,
+            pretrained=args.pretrained,
+            in_chans=in_chans,
+            num_classes=args.num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block,
+            global_pool=args.gp,
+            bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps,
+            checkpoint_path=args.initial_checkpoint,
+            **({'pretrained_cfg_overlay': overlay} if overlay else {}),
+            **args.model_kwargs,
+        )
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise UsageError(f"unknown model '{args.model}' (see timm.list_models())") from None
+        raise UsageError(f"cannot create model '{args.model}': {e}") from None
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise UsageError(f"cannot create model '{args.model}': {e}") from None
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    return model
+
+
+def resolve_student_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool) -> Dict[str, Any]:
+    """timm's data config, with mean / std fitted to the input channels."""
+    return resolve_channel_stats(resolve_data_config(vars(args), model=model, verbose=verbose))
+
+
+def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,
+                model_dtype: Optional[torch.dtype]) -> nn.Module:
+    """Move to the device and dtype, channels_last and SyncBatchNorm as asked."""
+    model.to(device=device, dtype=model_dtype)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''  # synchronized BN needs no epoch-end reduction
+        model = convert_sync_batchnorm(model)
+    return model
+
+
+def create_timm_criterion(args: argparse.Namespace, smoothing: float, mixup_active: bool) -> nn.Module:
+    """The criterion timm's ``train.py`` would use (Tf-KD off), through timm's loss factory."""
+    loss_type = args.loss or ('bce' if args.bce_loss else None)
+    pos_weight = args.loss_pos_weight or args.bce_pos_weight
+    return create_classification_loss(
+        loss_type=loss_type,
+        smoothing=smoothing,
+        soft_targets=mixup_active,
+        class_weight=args.loss_class_weight,
+        pos_weight=pos_weight[0] if isinstance(pos_weight, list) and len(pos_weight) == 1 else pos_weight,
+        bce_target_thresh=args.bce_target_thresh,
+        bce_sum=args.bce_sum,
+        poly_epsilon=args.poly_epsilon,
+        poly_gamma=args.poly_gamma,
+    )
+
+
+def _timm_distillation_task(args, model, criterion, device, model_dtype, verbose) -> TrainingTask:
+    common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+                  distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+                  device=device, dtype=model_dtype, verbose=verbose)
+    if args.kd_distill_type == 'logit':
+        return LogitDistillationTask(loss_type=args.kd_loss_type, temperature=args.kd_temperature, **common)
+    if args.kd_distill_type == 'feature':
+        return FeatureDistillationTask(student_feature_dim=args.kd_student_feature_dim,
+                                       teacher_feature_dim=args.kd_teacher_feature_dim, **common)
+    return TokenDistillationTask(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature, **common)
+
+
+def create_task(
+        args: argparse.Namespace,
+        model: nn.Module,
+        smoothing: float,
+        mixup_active: bool,
+        data_config: Dict[str, Any],
+        device: torch.device,
+        model_dtype: Optional[torch.dtype],
+        verbose: bool,
+) -> TrainingTask:
+    """The Tf-KD task for ``--tfkd-mode``, or timm's own task (classification or ``--kd-*`` distillation)."""
+    if args.tfkd_mode == 'none':
+        criterion = create_timm_criterion(args, smoothing, mixup_active).to(device)
+        if args.kd_model_name is not None:
+            try:
+                return _timm_distillation_task(args, model, criterion, device, model_dtype, verbose)
+            except RuntimeError as e:
+                raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': {e}") from None
+        return create_tfkd_task(args, model, criterion, device=device, dtype=model_dtype, verbose=verbose)
+    if args.tfkd_mode != 'lsr' and smoothing > 0 and not mixup_active:
+        raise UsageError(f'--smoothing {smoothing:g} with --tfkd-mode {args.tfkd_mode} is only supported with '
+                         f'--mixup / --cutmix (folded into their targets); drop --smoothing or use --tfkd-mode lsr')
+    try:
+        return create_tfkd_task(args, model, smoothing=smoothing, data_config=data_config, device=device,
+                                dtype=model_dtype, verbose=verbose)
+    except ValueError as e:  # out-of-range loss settings and teacher problems, already one line each
+        raise UsageError(str(e)) from None
+
+
+def resolve_lr(args: argparse.Namespace, batches_per_step: float) -> None:
+    """Scale ``--lr-base`` to the global batch when ``--lr`` is not given, as timm's ``train.py`` does."""
+    if args.lr:
+        return
+    global_batch = batches_per_step * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    if args.lr_base_scale == 'sqrt':
+        ratio = ratio ** 0.5
+    args.lr = args.lr_base * ratio
+    _logger.info(f'Learning rate ({args.lr:g}) from base learning rate ({args.lr_base:g}) and global batch size '
+                 f'({global_batch:g}), {args.lr_base_scale} scaling')
+
+
+def create_optimizer(args: argparse.Namespace, task: TrainingTask) -> torch.optim.Optimizer:
+    """timm's optimizer over the task's trainable module only (never a teacher)."""
+    try:
+        return create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except (AssertionError, ValueError, TypeError) as e:
+        raise UsageError(f"cannot create optimizer '{args.opt}': {e}") from None

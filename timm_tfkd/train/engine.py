@@ -1,0 +1,190 @@
+"""The epoch loop: train one epoch through a timm task, validate with exact cross-rank metrics."""
+import argparse
+import logging
+import math
+import sys
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from timm.task import TrainingTask
+from timm.utils import dispatch_clip_grad
+
+from .metrics import ClassificationMetrics
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class LoopContext:
+    """What stays fixed across epochs."""
+    args: argparse.Namespace
+    task: TrainingTask
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp_autocast: Callable[[], AbstractContextManager]
+    loss_scaler: Optional[Callable] = None
+    lr_scheduler: Optional[object] = None
+    mixup_fn: Optional[Callable] = None
+    model_dtype: Optional[torch.dtype] = None
+    is_primary: bool = True
+    save_recovery: Optional[Callable[[int, int], None]] = None
+
+
+class Progress:
+    """A live one-line progress display on an interactive terminal, timm-style log lines otherwise."""
+
+    def __init__(self, enabled: bool, interval: int, live_only: bool = False):
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = self.live if live_only else enabled
+        self.interval = max(1, interval)
+
+    def update(self, prefix: str, index: int, total: int, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.live:
+            sys.stderr.write(f'\r{prefix} [{index + 1:>4d}/{total}] {text}\033[K')
+            if index + 1 == total:
+                sys.stderr.write('\n')
+            sys.stderr.flush()
+        elif force or index % self.interval == 0 or index + 1 == total:
+            _logger.info(f'{prefix} [{index:>4d}/{total - 1} ({100.0 * (index + 1) / total:>3.0f}%)]  {text}')
+
+
+def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(values)
+        values /= world_size
+    return values
+
+
+def _prepare_batch(ctx: LoopContext, input: torch.Tensor, target: torch.Tensor):
+    args = ctx.args
+    if not args.prefetcher:
+        input, target = input.to(device=ctx.device, dtype=ctx.model_dtype), target.to(device=ctx.device)
+        if ctx.mixup_fn is not None:
+            input, target = ctx.mixup_fn(input, target)
+    if args.channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    return input, target
+
+
+def _backward_and_step(ctx: LoopContext, loss: torch.Tensor, need_update: bool) -> None:
+    args, clip = ctx.args, None
+    if args.clip_grad is not None:
+        clip = ctx.task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
+    if ctx.loss_scaler is not None:
+        ctx.loss_scaler(loss, ctx.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=clip,
+                        need_update=need_update)
+        return
+    loss.backward()
+    if need_update:
+        if clip is not None:
+            dispatch_clip_grad(clip, value=args.clip_grad, mode=args.clip_mode)
+        ctx.optimizer.step()
+
+
+def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
+    """Train one epoch with gradient accumulation, AMP, EMA updates and the LR schedule stepped per update.
+
+    Returns:
+        Mean ``loss``, ``task_loss`` and ``kd_loss`` over the epoch (averaged across ranks).
+
+    Raises:
+        NonFiniteLossError: The loss became NaN or infinite; nothing is saved for this epoch.
+    """
+    args, task = ctx.args, ctx.task
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif ctx.mixup_fn is not None:
+            ctx.mixup_fn.mixup_enabled = False
+    task.train()
+    accum_steps = args.grad_accum_steps
+    num_batches = len(loader)
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    num_updates = epoch * updates_per_epoch
+    last_accum_start = num_batches - num_batches % accum_steps
+    has_no_sync = args.distributed and hasattr(task.get_trainable_module(), 'no_sync')
+    progress = Progress(ctx.is_primary, args.log_interval)
+
+    # The loss is read every step (as timm does) to stop on NaN; its parts are summed on the device, unsynced.
+    loss_sum, part_sums, samples = 0.0, torch.zeros(2, dtype=torch.float64, device=ctx.device), 0
+    no_part = torch.zeros((), device=ctx.device)
+    ctx.optimizer.zero_grad()
+    start = time.perf_counter()
+    for batch_idx, (input, target) in enumerate(loader):
+        steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
+        need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
+        input, target = _prepare_batch(ctx, input, target)
+        with task.no_sync() if has_no_sync and not need_update else nullcontext():
+            with ctx.amp_autocast():
+                result = task(input, target)
+            loss = result['loss']
+            _backward_and_step(ctx, loss / steps_in_update if steps_in_update > 1 else loss, need_update)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f'non-finite loss ({loss_value}) at epoch {epoch}, step {batch_idx}; '
+                                     f'the last saved checkpoint is unchanged')
+        batch_size = input.shape[0]
+        samples += batch_size
+        loss_sum += loss_value * batch_size
+        part_sums += torch.stack([result.get('task_loss', loss).detach(), result.get('kd_loss', no_part).detach()
+                                  ]).double() * batch_size
+        if need_update:
+            num_updates += 1
+            ctx.optimizer.zero_grad()
+            task.update_ema(step=num_updates)
+            if args.synchronize_step and ctx.device.type == 'cuda':
+                torch.cuda.synchronize()
+            update_idx = batch_idx // accum_steps
+            if ctx.save_recovery is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+                ctx.save_recovery(epoch, update_idx)
+            if ctx.lr_scheduler is not None:
+                ctx.lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / samples)
+        if ctx.is_primary and (progress.live or batch_idx % progress.interval == 0 or batch_idx + 1 == num_batches):
+            elapsed = time.perf_counter() - start
+            lr = ctx.optimizer.param_groups[0]['lr']
+            progress.update(f'Train: {epoch}', batch_idx, num_batches,
+                            f'Loss: {loss_value:#.3g} ({loss_sum / samples:#.3g})  '
+                            f'{samples * args.world_size / elapsed:>7.1f} img/s  LR: {lr:.3e}')
+    if hasattr(ctx.optimizer, 'sync_lookahead'):
+        ctx.optimizer.sync_lookahead()
+    sums = torch.cat([torch.tensor([loss_sum], dtype=torch.float64, device=ctx.device), part_sums])
+    means = _reduce_mean(sums / max(samples, 1), args.world_size).tolist()
+    return {'loss': means[0], 'task_loss': means[1], 'kd_loss': means[2]}
+
+
+@torch.no_grad()
+def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Test') -> Dict[str, float]:
+    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks."""
+    args = ctx.args
+    model.eval()
+    metrics = ClassificationMetrics(ctx.device)
+    progress = Progress(ctx.is_primary, args.log_interval, live_only=True)
+    num_batches = len(loader)
+    with torch.inference_mode():
+        for batch_idx, (input, target) in enumerate(loader):
+            if not args.prefetcher:
+                input, target = input.to(device=ctx.device, dtype=ctx.model_dtype), target.to(device=ctx.device)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with ctx.amp_autocast():
+                output = model(input)
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            metrics.update(output.float(), target)
+            progress.update(label, batch_idx, num_batches, '')
+    metrics.reduce()
+    result = metrics.compute()
+    if ctx.is_primary:
+        _logger.info(f"{label}: Acc@1 {result['top1']:.3f}  Acc@5 {result['top5']:.3f}  NLL {result['nll']:.4f}  "
+                     f"ECE {result['ece']:.2f}")
+    return result
