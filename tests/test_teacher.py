@@ -104,7 +104,8 @@ def test_pickled_objects_refused(tmp_path):
 
 @pytest.mark.parametrize('kwargs,message', [
     (dict(num_classes=7), r'teacher checkpoint has 5 classes \(fc.weight \(5, '),
-    (dict(in_chans=1, mean=(0.5,), std=(0.5,)), r'teacher checkpoint has 3 input channels \(conv1.0.weight \(16, 3, 3, 3\)\) but the student has 1'),
+    (dict(in_chans=1, mean=(0.5,), std=(0.5,)),
+     r'teacher checkpoint has 3 input channels \(conv1.0.weight \(16, 3, 3, 3\)\) but the student has 1'),
     (dict(model_name='resnet18'), "does not fit architecture 'resnet18'"),
     (dict(model_name='no_such_model'), "unknown teacher model 'no_such_model'"),
 ])

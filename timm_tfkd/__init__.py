@@ -12,4 +12,14 @@ from .losses import (
 )
 from .teacher import SelfTeacher, TeacherError, create_self_teacher, fold_batch_norms
 from .tasks import TfKDRegTask, TfKDSelfTask, create_teacher_from_args, create_tfkd_task
+from .hub import load_pretrained
 from . import models
+
+__all__ = [
+    '__version__', 'TFKD_MODES', 'add_tfkd_args', 'CheckpointError',
+    'LabelSmoothingLoss', 'LossTerms', 'SelfDistillLoss', 'SmoothingEquivalence', 'VirtualTeacherLoss',
+    'create_tfkd_loss', 'effective_smoothing',
+    'SelfTeacher', 'TeacherError', 'create_self_teacher', 'fold_batch_norms',
+    'TfKDRegTask', 'TfKDSelfTask', 'create_teacher_from_args', 'create_tfkd_task',
+    'load_pretrained', 'models',
+]

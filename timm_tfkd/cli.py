@@ -1,4 +1,4 @@
-"""The ``timm-tfkd`` command: export a training run for the Hub and upload it.
+"""The ``timm-tfkd`` command: export a training run for the Hub, upload it, prepare Fashion-MNIST.
 
 Each subcommand is registered by one ``add_*_command(subparsers)`` function that sets a ``handler``; a new
 subcommand adds its function to :data:`SUBCOMMANDS`.
@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .checkpoint_io import CheckpointError
+from .fashion_mnist import DEFAULT_SOURCE, prepare_folder
 from .hub import ExportError, HubUploadError, InvalidRepoIdError, export_run, is_export, push_run, push_to_hub
 from .version import __version__
 
 PROG = 'timm-tfkd'
 # Errors caused by what the user asked for: reported in one line, exit status 2, no traceback.
-USER_ERRORS = (ExportError, InvalidRepoIdError, CheckpointError)
+USER_ERRORS = (ExportError, InvalidRepoIdError, CheckpointError, FileNotFoundError)
 
 
 class UsageError(Exception):
@@ -64,15 +65,33 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
+def add_fashion_mnist_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``fashion-mnist OUT_DIR``."""
+    parser = subparsers.add_parser(
+        'fashion-mnist', help="Write Fashion-MNIST (Debian's dataset-fashion-mnist) as a timm image folder with "
+                              "train / validation (carved from train) / test splits.")
+    parser.add_argument('out_dir', metavar='OUT_DIR', help='Output folder.')
+    parser.add_argument('--train-size', type=int, default=None, metavar='N',
+                        help='Training images (default: all the validation split leaves).')
+    parser.add_argument('--val-size', type=int, default=5000, metavar='N',
+                        help='Validation images carved from the training set. Default: 5000.')
+    parser.add_argument('--test-size', type=int, default=None, metavar='N', help='Test images (default: 10000).')
+    parser.add_argument('--seed', type=int, default=0, help='Seed of the split. Default: 0.')
+    parser.add_argument('--source', default=DEFAULT_SOURCE, help=f'idx .gz folder. Default: {DEFAULT_SOURCE}.')
+    parser.set_defaults(handler=run_fashion_mnist)
+    return parser
+
+
 SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_export_command,
     add_push_command,
+    add_fashion_mnist_command,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``timm-tfkd`` parser with every subcommand of :data:`SUBCOMMANDS`."""
-    parser = _Parser(prog=PROG, description='Teacher-free Knowledge Distillation for timm: Hub tools.')
+    parser = _Parser(prog=PROG, description='Teacher-free Knowledge Distillation for timm: Hub and data tools.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for add_command in SUBCOMMANDS:
@@ -97,6 +116,13 @@ def run_push(args: argparse.Namespace) -> int:
     else:
         url = push_run(Path(args.run_dir), args.repo_id, export_dir=args.export_dir, **options)
     print(url)
+    return 0
+
+
+def run_fashion_mnist(args: argparse.Namespace) -> int:
+    """Handler of ``fashion-mnist``: prints the image count of each split."""
+    counts = prepare_folder(args.out_dir, args.train_size, args.val_size, args.test_size, args.seed, args.source)
+    print(' '.join(f'{split}={count}' for split, count in counts.items()))
     return 0
 
 

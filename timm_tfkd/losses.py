@@ -296,7 +296,8 @@ class SelfDistillLoss(nn.Module):
         self.multiplier = _check_positive('multiplier', multiplier)
 
     def extra_repr(self) -> str:
-        return f'alpha={self.alpha}, temperature={self.temperature}, formula={self.formula}, multiplier={self.multiplier}'
+        return (f'alpha={self.alpha}, temperature={self.temperature}, formula={self.formula}, '
+                f'multiplier={self.multiplier}')
 
     def terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> LossTerms:
         """The loss with its CE and scaled KL parts."""

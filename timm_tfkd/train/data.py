@@ -44,7 +44,8 @@ def _check_folder_split(data_dir: str, split: str) -> None:
     candidates = _SPLIT_ALIASES.get(split, (split,))
     if not any(os.path.isdir(os.path.join(data_dir, name)) for name in candidates):
         present = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
-        raise UsageError(f"no '{split}' split folder in --data-dir '{data_dir}' (found: {', '.join(present) or 'none'})")
+        raise UsageError(
+            f"no '{split}' split folder in --data-dir '{data_dir}' (found: {', '.join(present) or 'none'})")
 
 
 def _class_names(dataset: Any) -> List[str]:

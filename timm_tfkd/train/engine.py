@@ -145,7 +145,7 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
             if args.synchronize_step and ctx.device.type == 'cuda':
                 torch.cuda.synchronize()
             update_idx = batch_idx // accum_steps
-            if ctx.save_recovery is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+            if ctx.save_recovery and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
                 ctx.save_recovery(epoch, update_idx)
             if ctx.lr_scheduler is not None:
                 ctx.lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / samples)

@@ -1,0 +1,120 @@
+"""Helpers shared by the end-to-end trainer tests (test_train_*.py): tiny runs in-process or as subprocesses."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+import torch
+
+from timm_tfkd.checkpoint_io import read_checkpoint
+from timm_tfkd.train.main import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = 'train_tfkd.py'
+CONSOLE_SCRIPT = Path(sys.executable).parent / 'timm-tfkd-train'
+
+# Every run writes these (checkpoint-N files depend on the epochs).
+RUN_FILES = ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'run_info.json')
+SUMMARY_COLUMNS = ('epoch', 'train_loss', 'train_task_loss', 'train_kd_loss', 'eval_loss', 'eval_top1',
+                   'eval_top5', 'eval_nll', 'eval_ece', 'lr')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one thread than on two that contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(data_dir, output, experiment, *extra, model: str = 'test_resnet', epochs: int = 1,
+              num_classes: int = 3, img_size: int = 16, batch_size: int = 8) -> List[str]:
+    """The flags of a tiny CPU run (no warmup, a fixed learning rate, no loader workers), plus ``extra``."""
+    return [
+        '--data-dir', str(data_dir), '--model', model, '--num-classes', str(num_classes),
+        '--img-size', str(img_size), '-b', str(batch_size), '--epochs', str(epochs), '-j', '0',
+        '--lr', '0.05', '--warmup-epochs', '0', '--log-interval', '1000',
+        '--output', str(output), '--experiment', experiment, *map(str, extra),
+    ]
+
+
+def call_main(argv: Sequence[str]) -> int:
+    """``main(argv)`` in this process, turning argparse's ``SystemExit`` into its exit code."""
+    try:
+        return main(list(argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+def train_in_process(argv: Sequence[str]) -> Path:
+    """Run ``main`` in-process, check it succeeded, return the run folder."""
+    code = call_main(argv)
+    assert code == 0, f'main() returned {code} for {list(argv)}'
+    return run_dir_of(argv)
+
+
+def run_dir_of(argv: Sequence[str]) -> Path:
+    argv = list(argv)
+    return Path(argv[argv.index('--output') + 1]) / argv[argv.index('--experiment') + 1]
+
+
+def subprocess_env() -> Dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return env
+
+
+def run_subprocess(command: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with one CPU thread per process; text output captured."""
+    return subprocess.run([str(c) for c in command], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def script_command(argv: Sequence[str]) -> List[str]:
+    """``python train_tfkd.py ARGV`` as a subprocess command."""
+    return [sys.executable, TRAIN_SCRIPT, *map(str, argv)]
+
+
+def read_summary(run_dir: Path) -> List[Dict[str, float]]:
+    """The rows of ``summary.csv`` as floats (epoch as int)."""
+    with open(run_dir / 'summary.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k == 'epoch' else float(v)) for k, v in row.items()} for row in rows]
+
+
+def summary_columns(run_dir: Path) -> List[str]:
+    with open(run_dir / 'summary.csv', newline='') as f:
+        return next(csv.reader(f))
+
+
+def read_run_info(run_dir: Path) -> Dict:
+    with open(run_dir / 'run_info.json') as f:
+        return json.load(f)
+
+
+def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """The model weights of a training checkpoint, read the safe way."""
+    return read_checkpoint(str(path))['state_dict']
+
+
+def assert_state_dicts_equal(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
+def assert_run_files(run_dir: Path, epochs: int, extra: Optional[Sequence[str]] = ()) -> None:
+    """The standard files of a finished run, one summary row per epoch in order."""
+    assert run_dir.is_dir(), f'no run folder {run_dir}'
+    for name in (*RUN_FILES, *extra):
+        assert (run_dir / name).is_file(), f'{name} missing in {sorted(os.listdir(run_dir))}'
+    assert [row['epoch'] for row in read_summary(run_dir)] == list(range(epochs))
+    assert set(SUMMARY_COLUMNS) <= set(summary_columns(run_dir))
+    assert not (run_dir / 'tmp.pth.tar').exists()
+    checkpoint = read_checkpoint(str(run_dir / 'last.pth.tar'))
+    assert checkpoint['epoch'] == epochs - 1
