@@ -66,6 +66,8 @@ def parse_model_specs(text: str) -> Tuple[ModelSpec, ...]:
         try:
             name, size, batch = entry.split(':')
             channels, height, width = (int(v) for v in size.split('x'))
+            if min(channels, height, width, int(batch)) < 1:
+                raise ValueError
             specs.append(ModelSpec(name, (channels, height, width), int(batch)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{entry}' is not name:CxHxW:batch, e.g. resnet18:3x32x32:128") from None
@@ -82,8 +84,10 @@ def parse_loss_sizes(text: str) -> Tuple[Tuple[int, int], ...]:
     for entry in text.split(','):
         try:
             batch, num_classes = (int(v) for v in entry.split('x'))
+            if batch < 1 or num_classes < 2:
+                raise ValueError
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{entry}' is not BATCHxCLASSES, e.g. 128x100") from None
+            raise argparse.ArgumentTypeError(f"'{entry}' is not BATCHxCLASSES (classes >= 2), e.g. 128x100") from None
         sizes.append((batch, num_classes))
     return tuple(sizes)
 
@@ -227,10 +231,13 @@ class LossConfig(NamedTuple):
     loss: Callable[[LossInputs], torch.Tensor]
 
 
-REG_PAPER = VirtualTeacherLoss(formula='paper')
-REG_OFFICIAL = VirtualTeacherLoss(formula='official')
-SELF_PAPER = SelfDistillLoss(formula='paper')
-SMOOTHING = LabelSmoothingLoss()
+# Spelled out rather than the classes' defaults, so the tables say what they measured.
+REG_SETTINGS = dict(alpha=0.1, temperature=20.0, correct_prob=0.99, multiplier=1.0)
+SELF_SETTINGS = dict(alpha=0.9, temperature=20.0, multiplier=1.0)
+REG_PAPER = VirtualTeacherLoss(formula='paper', **REG_SETTINGS)
+REG_OFFICIAL = VirtualTeacherLoss(formula='official', **REG_SETTINGS)
+SELF_PAPER = SelfDistillLoss(formula='paper', **SELF_SETTINGS)
+SMOOTHING = LabelSmoothingLoss(smoothing=0.1, convention='timm')
 SOFT_TARGET_CE = SoftTargetCrossEntropy()
 
 # The first entry is the anchor of the ratios.
@@ -314,7 +321,7 @@ class StepContext:
     def new_self_teacher(self) -> SelfTeacher:
         model = self.new_teacher_model()
         # Same architecture, same normalization: the teacher takes the student's input unchanged.
-        return SelfTeacher(model, model.pretrained_cfg['mean'], model.pretrained_cfg['std'])
+        return SelfTeacher(model, model.pretrained_cfg['mean'], model.pretrained_cfg['std']).to(self.device)
 
     def autocast(self) -> ContextManager:
         return torch.autocast('cuda', dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -343,7 +350,8 @@ def build_ce(ctx: StepContext) -> Prepared:
 
 
 def build_reg(ctx: StepContext) -> Prepared:
-    task = TfKDRegTask(ctx.student, VirtualTeacherLoss(formula='paper'), device=ctx.device, verbose=False)
+    task = TfKDRegTask(ctx.student, VirtualTeacherLoss(formula='paper', **REG_SETTINGS), device=ctx.device,
+                       verbose=False)
     return Prepared(ctx.train_step(task))
 
 
@@ -354,16 +362,17 @@ def build_self(ctx: StepContext, channels_last: bool = False, fuse_bn: bool = Fa
     plain_logits = teacher(ctx.input)
     teacher.speed_up(ctx.input, channels_last=channels_last, fuse_bn=fuse_bn, dtype=dtype)
     note = f'logit rel err {relative_error(teacher(ctx.input), plain_logits):.1e}'
-    task = TfKDSelfTask(ctx.student, teacher, SelfDistillLoss(), device=ctx.device, verbose=False)
+    task = TfKDSelfTask(ctx.student, teacher, SelfDistillLoss(formula='paper', **SELF_SETTINGS), device=ctx.device,
+                        verbose=False)
     return Prepared(ctx.train_step(task), note)
 
 
 def build_timm_kd(ctx: StepContext) -> Prepared:
-    """timm's LogitDistillationTask with the same weighting and temperature as :class:`SelfDistillLoss`."""
-    loss = SelfDistillLoss()
+    """timm's LogitDistillationTask weighted like the self configurations: the same loss, computed timm's way."""
     task = LogitDistillationTask(
-        ctx.student, ctx.new_teacher_model(), criterion=nn.CrossEntropyLoss(), task_loss_weight=1.0 - loss.alpha,
-        temperature=loss.temperature, device=ctx.device, verbose=False)
+        ctx.student, ctx.new_teacher_model(), criterion=nn.CrossEntropyLoss(),
+        task_loss_weight=1.0 - SELF_SETTINGS['alpha'], temperature=SELF_SETTINGS['temperature'], device=ctx.device,
+        verbose=False)
     return Prepared(ctx.train_step(task))
 
 
@@ -492,7 +501,8 @@ def render_text(table: Table) -> str:
     widths = [max([len(column.header)] + [len(row[i]) for row in table.rows]) for i, column in enumerate(table.columns)]
 
     def line(cells: Sequence[str]) -> str:
-        return '  '.join(f'{cell:{column.align}{width}}' for cell, column, width in zip(cells, table.columns, widths))
+        padded = (f'{cell:{column.align}{width}}' for cell, column, width in zip(cells, table.columns, widths))
+        return '  '.join(padded).rstrip()
 
     lines = [table.title, line([c.header for c in table.columns]), '  '.join('-' * w for w in widths)]
     lines += [line(row) for row in table.rows]
@@ -510,6 +520,10 @@ def render_markdown(table: Table) -> str:
     return '\n'.join(lines)
 
 
+def _settings_text(settings: Dict[str, float]) -> str:
+    return ', '.join(f'{key}={value:g}' for key, value in settings.items())
+
+
 def _ms(value: float) -> str:
     return f'{value:.4g}'
 
@@ -520,7 +534,7 @@ def _ratio(value: float, anchor: float) -> str:
 
 def _timing_footnote(settings: Settings, anchor: str) -> str:
     return (f'median and interquartile range (IQR) of {settings.steps} timed steps per configuration after '
-            f'{settings.warmup} warm-up rounds, all configurations interleaved round-robin in one process; '
+            f'{settings.warmup} untimed warm-up round(s), all configurations interleaved round-robin in one process; '
             f"ratio = median / median of '{anchor}' in the same group")
 
 
@@ -535,20 +549,20 @@ def loss_section(sizes: Sequence[Tuple[int, int]], settings: Settings) -> Table:
             check_reference_matches(inputs)
             cases += [Case(f'{batch}x{num_classes}', c.name, loss_step(c.loss, inputs)) for c in LOSS_CONFIGS]
         times = time_round_robin(cases, settings.steps, settings.warmup, settings.sync)
+    summaries = {key: summarize(seconds) for key, seconds in times.items()}
     rows = []
-    for case in cases:
-        summary = summarize(times[case.group, case.name])
-        anchor = summarize(times[case.group, LOSS_CONFIGS[0].name]).median_ms
-        rows.append([case.group, case.name, _ms(summary.median_ms), _ms(summary.iqr_ms),
-                     _ratio(summary.median_ms, anchor)])
+    for (group, name), summary in summaries.items():
+        anchor = summaries[group, LOSS_CONFIGS[0].name].median_ms
+        rows.append([group, name, _ms(summary.median_ms), _ms(summary.iqr_ms), _ratio(summary.median_ms, anchor)])
     columns = [Column('B x K', '<'), Column('configuration', '<'), Column('median ms', '>'), Column('IQR ms', '>'),
                Column('ratio', '>')]
     footnotes = [
         _timing_footnote(settings, LOSS_CONFIGS[0].name),
-        f'reg: {REG_PAPER.extra_repr()} (official: same, multiplier {REG_OFFICIAL.multiplier}); '
-        f'self: {SELF_PAPER.extra_repr()}; label smoothing: {SMOOTHING.extra_repr()}',
-        f'soft = mixup targets (lambda {MIXUP_LAMBDA}); the reference construction (per-sample loop, dense teacher, '
-        "KLDivLoss()) is checked to equal 'reg official (indices)'",
+        f'reg (both formulas): {_settings_text(REG_SETTINGS)}; self: {_settings_text(SELF_SETTINGS)}; '
+        f'label smoothing: {SMOOTHING.extra_repr()}',
+        f'float32 logits; soft = mixup targets (lambda {MIXUP_LAMBDA}); the reference construction (per-sample loop, '
+        "dense teacher, KLDivLoss()) is checked to equal 'reg official (indices)'",
+        'peak memory is measured for the training-step section only',
     ]
     return Table('Loss only: forward + backward', columns, rows, footnotes)
 
@@ -588,12 +602,12 @@ def step_section(specs: Sequence[ModelSpec], settings: Settings) -> Table:
     footnotes = [
         _timing_footnote(settings, STEP_CONFIGS[0].name),
         'step = forward, loss, backward, SGD step, zero_grad; teachers have the student architecture, random weights, '
-        f'{settings.num_classes} classes; self and timm KD: {SelfDistillLoss().extra_repr()}; '
-        f'reg: {VirtualTeacherLoss(formula="paper").extra_repr()}',
+        f'{settings.num_classes} classes; reg (paper): {_settings_text(REG_SETTINGS)}; '
+        f'self (paper) and timm KD: {_settings_text(SELF_SETTINGS)}',
         f"'{FLOOR}' adds the two medians: what self costs if the distillation itself were free",
         f'{memory}: each configuration alone for {MEMORY_STEPS} steps in a fresh process (forked from a clean server '
-        'that only imported the modules); CPU: rise of peak RSS from the process start (student, optimizer, teacher, '
-        'activations); not measured for the loss section',
+        'that only imported the modules); CPU: rise of peak RSS (ru_maxrss) from the process start (student, '
+        'optimizer, teacher, activations, allocator slack); CUDA: torch.cuda.max_memory_allocated',
         'note: max |logits - plain fp32 logits| / max |plain fp32 logits| of the sped-up teacher',
     ]
     return Table('Training step through timm tasks', columns, rows, footnotes)
@@ -636,9 +650,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the options, filling the defaults that depend on ``--quick``."""
     parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.overhead', description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--section', choices=('loss', 'step', 'all'), default='all', help='what to time')
+        prog='python -m benchmarks.overhead', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--section', choices=('loss', 'step', 'all'), default='all', help='what to time [all]')
     parser.add_argument('--steps', type=_int_at_least(2), default=None,
                         help=f'timed steps per configuration [{FULL.steps}; {QUICK.steps} with --quick; '
                              f'at least {MIN_STEPS} unless --quick]')
@@ -649,10 +662,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              '[resnet18:3x32x32:128,resnet50:3x64x64:64; test_resnet:3x16x16:8 with --quick]')
     parser.add_argument('--loss-sizes', type=parse_loss_sizes, default=None,
                         help='loss section: BATCHxCLASSES, comma-separated [128x100,256x1000; 8x10 with --quick]')
-    parser.add_argument('--num-classes', type=_int_at_least(2), default=100, help='classes of the step section')
+    parser.add_argument('--num-classes', type=_int_at_least(2), default=100, help='classes of the step section [100]')
     parser.add_argument('--threads', type=_int_at_least(1), default=None,
                         help="torch.set_num_threads [torch's default; 1 with --quick]")
-    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu', help='[cpu]')
     parser.add_argument('--amp-bf16', action='store_true',
                         help='CUDA only: steps under bfloat16 autocast, student and input channels_last')
     parser.add_argument('--quick', action='store_true', help='smoke test: tiny sizes, few steps; numbers mean nothing')
