@@ -11,7 +11,7 @@ from timm.utils import unwrap_model
 
 from .args import teacher_model_name, tfkd_args_summary
 from .losses import SelfDistillLoss, VirtualTeacherLoss, create_tfkd_loss
-from .teacher import SelfTeacher, channel_stats, create_self_teacher
+from .teacher import SelfTeacher, TeacherError, channel_stats, create_self_teacher
 
 _logger = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ def create_teacher_from_args(
         device: Optional[torch.device] = None,
 ) -> SelfTeacher:
     """Build the frozen teacher the ``--tfkd-teacher-*`` flags describe, with its speed-ups applied."""
+    if not args.tfkd_teacher_checkpoint:
+        raise TeacherError(f'--tfkd-mode {args.tfkd_mode} needs --tfkd-teacher-checkpoint (the trained teacher '
+                           f'weights) or a ready teacher')
     student = unwrap_model(model)
     mean, std, config = _student_stats(args, model, data_config)
     teacher = create_self_teacher(
