@@ -613,6 +613,18 @@ def step_section(specs: Sequence[ModelSpec], settings: Settings) -> Table:
     return Table('Training step through timm tasks', columns, rows, footnotes)
 
 
+def e2e_section(data_dir: str, timm_train: Optional[str], rounds: int) -> Table:
+    """Throughput of whole training processes: timm's train.py (anchor, when given) and train_tfkd.py."""
+    from .end_to_end import e2e_rows
+    rows, notes = e2e_rows(data_dir, timm_train, rounds=rounds)
+    anchor = rows[0][1]
+    columns = [Column('configuration', '<'), Column('step ms', '>'), Column('ratio', '>'), Column('img/s', '>'),
+               Column('img/s ratio', '>')]
+    body = [[name, _ms(seconds * 1e3), _ratio(seconds, anchor), f'{rate:.0f}', f'{rate / rows[0][2]:.3f}']
+            for name, seconds, rate in rows]
+    return Table('End to end: training processes', columns, body, notes + [f"ratios against '{rows[0][0]}'"])
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError), open('/proc/cpuinfo') as cpuinfo:
         for line in cpuinfo:
@@ -651,7 +663,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the options, filling the defaults that depend on ``--quick``."""
     parser = argparse.ArgumentParser(
         prog='python -m benchmarks.overhead', description=__doc__.split('\n\n')[0])
-    parser.add_argument('--section', choices=('loss', 'step', 'all'), default='all', help='what to time [all]')
+    parser.add_argument('--section', choices=('loss', 'step', 'all', 'e2e'), default='all',
+                        help='what to time; all = loss + step; e2e = training processes, needs --data-dir [all]')
     parser.add_argument('--steps', type=_int_at_least(2), default=None,
                         help=f'timed steps per configuration [{FULL.steps}; {QUICK.steps} with --quick; '
                              f'at least {MIN_STEPS} unless --quick]')
@@ -670,7 +683,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='CUDA only: steps under bfloat16 autocast, student and input channels_last')
     parser.add_argument('--quick', action='store_true', help='smoke test: tiny sizes, few steps; numbers mean nothing')
     parser.add_argument('--markdown', metavar='FILE', help='also write the tables as markdown to FILE')
+    parser.add_argument('--data-dir', metavar='DIR', help='e2e: image folder with a train split')
+    parser.add_argument('--timm-train', metavar='PATH', help="e2e: timm's train.py from a checkout (row skipped without)")
+    parser.add_argument('--e2e-rounds', type=_int_at_least(1), default=3, help='e2e: interleaved rounds [3]')
     args = parser.parse_args(argv)
+    if args.section == 'e2e' and not args.data_dir:
+        parser.error('--section e2e needs --data-dir')
     for name, value in (QUICK if args.quick else FULL)._asdict().items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -689,10 +707,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         args.num_classes)
     configure_torch(settings.device, settings.threads)
     sections = {'loss': partial(loss_section, args.loss_sizes, settings),
-                'step': partial(step_section, args.models, settings)}
+                'step': partial(step_section, args.models, settings),
+                'e2e': partial(e2e_section, args.data_dir, args.timm_train, args.e2e_rounds)}
     tables = []
     for name, run in sections.items():
-        if args.section in (name, 'all'):
+        if args.section == name or (args.section == 'all' and name != 'e2e'):
             tables.append(run())
             print(render_text(tables[-1]) + '\n', flush=True)
     footer = machine_line(settings)

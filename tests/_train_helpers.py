@@ -46,7 +46,7 @@ def tiny_args(data_dir, output, experiment, *extra, model: str = 'test_resnet', 
 def call_main(argv: Sequence[str]) -> int:
     """``main(argv)`` in this process, turning argparse's ``SystemExit`` into its exit code."""
     try:
-        return main(list(argv))
+        return main([str(a) for a in argv])
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
 
@@ -59,7 +59,7 @@ def train_in_process(argv: Sequence[str]) -> Path:
 
 
 def run_dir_of(argv: Sequence[str]) -> Path:
-    argv = list(argv)
+    argv = [str(a) for a in argv]
     return Path(argv[argv.index('--output') + 1]) / argv[argv.index('--experiment') + 1]
 
 

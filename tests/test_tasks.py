@@ -5,8 +5,6 @@ the optimizer from ``task.get_trainable_module()``, checkpoints through ``Checkp
 through ``timm.task.resume_task_checkpoint`` / ``load_task_ema_checkpoint``.
 """
 import argparse
-import math
-import os
 import socket
 
 import numpy as np

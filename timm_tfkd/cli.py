@@ -1,22 +1,24 @@
-"""The ``timm-tfkd`` command: export a training run for the Hub, upload it, prepare Fashion-MNIST.
+"""The ``timm-tfkd`` command: export a training run for the Hub, upload it, prepare Fashion-MNIST, evaluate a run.
 
 Each subcommand is registered by one ``add_*_command(subparsers)`` function that sets a ``handler``; a new
 subcommand adds its function to :data:`SUBCOMMANDS`.
 """
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .checkpoint_io import CheckpointError
+from .evaluate import EvaluationError, evaluate_run
 from .fashion_mnist import DEFAULT_SOURCE, prepare_folder
 from .hub import ExportError, HubUploadError, InvalidRepoIdError, export_run, is_export, push_run, push_to_hub
 from .version import __version__
 
 PROG = 'timm-tfkd'
 # Errors caused by what the user asked for: reported in one line, exit status 2, no traceback.
-USER_ERRORS = (ExportError, InvalidRepoIdError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ExportError, InvalidRepoIdError, CheckpointError, EvaluationError, FileNotFoundError)
 
 
 class UsageError(Exception):
@@ -82,16 +84,37 @@ def add_fashion_mnist_command(subparsers: argparse._SubParsersAction) -> argpars
     return parser
 
 
+def add_evaluate_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``evaluate RUN_DIR --data-dir DIR``."""
+    parser = subparsers.add_parser(
+        'evaluate', help="Evaluate a training run's weights on a split (top-1, top-5, NLL, ECE) with the run's "
+                         "model and data settings; prints one line of JSON.")
+    parser.add_argument('run_dir', metavar='RUN_DIR', help='Training output folder.')
+    parser.add_argument('--data-dir', required=True, metavar='DIR', help='Dataset root (e.g. train/validation/test '
+                                                                         'folders).')
+    parser.add_argument('--split', default='test', metavar='NAME', help='Split to evaluate. Default: test.')
+    parser.add_argument(
+        '--checkpoint', default='last', metavar='last|best|PATH',
+        help='last: the final epoch (last.pth.tar); best: model_best.pth.tar (selected on the run\'s own eval '
+             'split, so never report it on that split); or a checkpoint file. Default: last.')
+    parser.add_argument('-b', '--batch-size', type=int, default=256, metavar='N', help='Default: 256.')
+    parser.add_argument('--device', default=None, help='Default: cuda when available, else cpu.')
+    parser.add_argument('-j', '--workers', type=int, default=0, metavar='N', help='Loader processes. Default: 0.')
+    parser.set_defaults(handler=run_evaluate)
+    return parser
+
+
 SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_export_command,
     add_push_command,
     add_fashion_mnist_command,
+    add_evaluate_command,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``timm-tfkd`` parser with every subcommand of :data:`SUBCOMMANDS`."""
-    parser = _Parser(prog=PROG, description='Teacher-free Knowledge Distillation for timm: Hub and data tools.')
+    parser = _Parser(prog=PROG, description='Teacher-free Knowledge Distillation for timm: Hub, data and evaluation tools.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for add_command in SUBCOMMANDS:
@@ -123,6 +146,14 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     """Handler of ``fashion-mnist``: prints the image count of each split."""
     counts = prepare_folder(args.out_dir, args.train_size, args.val_size, args.test_size, args.seed, args.source)
     print(' '.join(f'{split}={count}' for split, count in counts.items()))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Handler of ``evaluate``: prints the run, split, checkpoint and metrics as one JSON line."""
+    metrics = evaluate_run(args.run_dir, args.data_dir, split=args.split, checkpoint=args.checkpoint,
+                           batch_size=args.batch_size, device=args.device, workers=args.workers)
+    print(json.dumps({'run_dir': args.run_dir, 'split': args.split, 'checkpoint': args.checkpoint, **metrics}))
     return 0
 
 

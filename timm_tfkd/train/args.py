@@ -57,6 +57,14 @@ class UsageError(ValueError):
     """A flag combination the trainer refuses; the message is one line meant for the user."""
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2, without argparse's usage block (over a
+    hundred lines for this parser; ``--help`` still prints it)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
 class ParseKwargs(argparse.Action):
     """Collect ``key=value`` words into a dict, reading each value as a Python literal when it is one."""
 
@@ -86,7 +94,7 @@ def create_parser() -> argparse.ArgumentParser:
     Returns:
         A parser without ``-c/--config``; :func:`parse_args` handles the config file first.
     """
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         description='Train a timm model with Teacher-free Knowledge Distillation. Accepts every flag of timm\'s '
                     'train.py. Defaults can also come from a YAML file given first with -c/--config FILE, whose '
                     'keys are option destinations (e.g. batch_size); the command line overrides them.')
@@ -719,7 +727,7 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
 def _create_config_parser() -> argparse.ArgumentParser:
     """The small parser that only picks ``-c/--config`` out of the command line."""
     # No abbreviations: '--co' or '--con' must stay errors of the main parser, not become --config.
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = _OneLineErrorParser(add_help=False, allow_abbrev=False)
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE')
     return parser
 

@@ -1,6 +1,7 @@
 """Model, criterion, task, optimizer and precision: everything built from the arguments before training starts."""
 import argparse
 import logging
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -163,7 +164,9 @@ def create_task(
         return create_tfkd_task(args, model, smoothing=smoothing, data_config=data_config, device=device,
                                 dtype=model_dtype, verbose=verbose)
     except ValueError as e:  # out-of-range loss settings and teacher problems, already one line each
-        raise UsageError(str(e)) from None
+        message = re.sub(r'^(alpha|temperature|correct_prob|multiplier) ',
+                         lambda m: f"--tfkd-{m.group(1).replace('_', '-')} ", str(e))
+        raise UsageError(message) from None
 
 
 def resolve_lr(args: argparse.Namespace, batches_per_step: float) -> None:

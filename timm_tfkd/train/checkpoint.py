@@ -1,5 +1,6 @@
 """Checkpoints in timm's layout, with the random state that makes a resumed run match an uninterrupted one."""
 import argparse
+import csv
 import glob
 import json
 import logging
@@ -40,7 +41,7 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 
 class _TaskWithRngState:
-    """Hands timm's CheckpointSaver the task's checkpoint entries plus the random state, without a saver subclass."""
+    """Hands timm's CheckpointSaver the task's checkpoint entries plus the random state (no _save override)."""
 
     def __init__(self, task: TrainingTask):
         self.task = task
@@ -52,6 +53,18 @@ class _TaskWithRngState:
         return state
 
 
+class _AtomicCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver, with ``last`` (and recovery files) swapped in by one atomic rename.
+
+    timm unlinks the old file before renaming the new one over it (for Windows), which leaves a moment without any
+    ``last.pth.tar``: a kill then would leave ``--resume auto`` nothing to resume. ``os.replace`` overwrites
+    atomically on every platform.
+    """
+
+    def _replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+
 def create_saver(
         task: TrainingTask,
         optimizer: torch.optim.Optimizer,
@@ -60,8 +73,9 @@ def create_saver(
         loss_scaler: Optional[Any],
         decreasing: bool,
 ) -> CheckpointSaver:
-    """timm's CheckpointSaver (``last`` written to a temporary file and renamed, so a kill never corrupts it)."""
-    return CheckpointSaver(
+    """timm's CheckpointSaver (``last`` written to a temporary file and renamed over the old one in one step, so a
+    kill never corrupts it nor leaves the folder without it)."""
+    return _AtomicCheckpointSaver(
         model=task.get_trainable_module(),
         optimizer=optimizer,
         args=args,
@@ -107,3 +121,23 @@ def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
         json.dump(data, f, indent=2)
         f.write('\n')
     os.replace(tmp_path, path)
+
+
+def drop_summary_rows_from(path: str, start_epoch: int) -> None:
+    """Keep only the ``summary.csv`` rows of epochs before ``start_epoch`` (rewritten atomically).
+
+    A run killed after writing an epoch's row but before saving that epoch's checkpoint trains the epoch again when
+    resumed; without this the file would list it twice (or keep a half-written row).
+    """
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    tmp_path = f'{path}.tmp'
+    with open(tmp_path, 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp_path, path)
+    _logger.info(f'{path}: dropped {len(rows) - len(kept)} row(s) of epochs trained again from epoch {start_epoch}')

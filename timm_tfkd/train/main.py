@@ -14,8 +14,9 @@ from timm import __version__ as timm_version
 from timm.models import safe_model_name
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import distribute_bn, init_distributed_device, is_primary, random_seed, setup_default_logging
+from timm.utils import distribute_bn, init_distributed_device, is_primary, random_seed
 from timm.utils import update_summary
+from timm.utils.log import FormatterNoInfo
 
 from ..checkpoint_io import CheckpointError
 from ..hub import check_hub_args, finish_run_for_hub
@@ -27,7 +28,8 @@ from .build import (
     resolve_student_data_config,
 )
 from .checkpoint import (
-    check_resume_path, create_saver, find_resume_checkpoint, load_rng_state, restore_rng_state, write_json_atomic,
+    check_resume_path, create_saver, drop_summary_rows_from, find_resume_checkpoint, load_rng_state,
+    restore_rng_state, write_json_atomic,
 )
 from .data import create_train_data, mixup_settings
 from .engine import LoopContext, NonFiniteLossError, train_one_epoch, validate
@@ -65,7 +67,7 @@ def _plan_output(args: argparse.Namespace, data_config: Dict[str, Any]) -> RunPl
         resume_path = args.resume or None
     if resume_path:
         check_resume_path(resume_path)
-    elif os.path.exists(output_dir):
+    elif os.path.exists(output_dir) and args.resume != 'auto':
         # A fresh run never writes into an earlier run's folder: add a suffix as timm does.
         suffix = 1
         while os.path.exists(f'{output_dir}-{suffix}'):
@@ -187,6 +189,8 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
         if plan.resume_path and os.path.dirname(os.path.abspath(plan.resume_path)) == os.path.abspath(
                 plan.output_dir):
             saver.load_state_dict_from_checkpoint(plan.resume_path)
+        # A folder resumed (or restarted by --resume auto) keeps only the rows of epochs it will not train again.
+        drop_summary_rows_from(os.path.join(plan.output_dir, 'summary.csv'), start_epoch)
         with open(os.path.join(plan.output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
         _logger.info(f'Output folder: {plan.output_dir}. Epochs {start_epoch} to {end_epoch - 1} of {num_epochs}.')
@@ -257,9 +261,33 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
     return finish_run_for_hub(args, plan.output_dir) or 0
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """timm's console log format, with INFO on stdout and warnings / errors on stderr.
+
+    The stream is looked up for each record, so a replaced ``sys.stdout`` / ``sys.stderr`` (pytest's capture, a
+    caller's redirect) is honoured instead of one captured when the handler was made.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(FormatterNoInfo())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        super().emit(record)
+
+
+def _setup_logging() -> None:
+    """Like timm's ``setup_default_logging``, but stderr keeps only warnings and errors (so bad input is exactly one
+    line there) and the handler is added once however often :func:`main` runs in a process."""
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logging.root.handlers):
+        logging.root.addHandler(_ConsoleHandler())
+    logging.root.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point: bad input gives one line on stderr and exit code 2, no traceback."""
-    setup_default_logging()
+    _setup_logging()
     try:
         return train(argv)
     except (UsageError, TeacherError, CheckpointError) as e:

@@ -1,0 +1,194 @@
+"""examples/study.py end to end on a tiny image folder, and timm_tfkd.evaluate on its runs.
+
+One real study (test_resnet, 16 px, 1 epoch, 2 seeds, modes ce / reg-paper / self / de-kd: 8 trainer
+subprocesses) is shared by the tests of this module; failure and resume paths use a fake trainer script.
+"""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_image_folder
+from timm_tfkd.evaluate import EvaluationError, evaluate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ('ce', 'reg-paper', 'self', 'de-kd')
+SEEDS = (0, 1)
+EXTRA = '--num-classes 3 --img-size 16 -b 8 -j 0 --lr 0.05 --warmup-epochs 0 --log-interval 1000'
+
+
+def _load_study_module():
+    spec = importlib.util.spec_from_file_location('tfkd_study', ROOT / 'examples' / 'study.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study_module()
+
+
+def _argv(data: Path, out: Path, modes=MODES, seeds=SEEDS):
+    return ['--data-dir', str(data), '--out', str(out), '--model', 'test_resnet', '--modes', *modes,
+            '--seeds', *map(str, seeds), '--epochs', '1', f'--extra={EXTRA}', '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp('study') / 'data', classes=3, per_class=4, size=16,
+                              splits=('train', 'validation', 'test'))
+
+
+@pytest.fixture(scope='module')
+def finished_study(tiny_data):
+    """Run the tiny study once; returns its folder and exit status."""
+    out = tiny_data.parent / 'out'
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        # One thread per process: on a shared 2-core machine, contending threads make tiny runs many times slower.
+        mp.setenv('OMP_NUM_THREADS', '1')
+        code = study.main(_argv(tiny_data, out))
+    yield out, code
+    torch.set_num_threads(threads)
+
+
+def _read_csv(path: Path):
+    with path.open(newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_writes_results_for_every_mode(finished_study):
+    out, code = finished_study
+    assert code == 0
+    table = _read_csv(out / 'results.csv')
+    assert [row['mode'] for row in table] == list(MODES)
+    for row in table:
+        assert row['n'] == '2'
+        assert 0.0 <= float(row['test_top1_mean']) <= 100.0
+        assert float(row['test_top1_std']) >= 0.0 and float(row['test_nll_mean']) > 0.0
+    runs = _read_csv(out / 'runs.csv')
+    assert sorted((r['mode'], r['seed']) for r in runs) == sorted((m, str(s)) for m in MODES for s in SEEDS)
+    teachers = {r['run']: (r['teacher_run'], r['teacher_checkpoint']) for r in runs}
+    assert teachers['self-s1'] == ('ce-s1', 'last.pth.tar')
+    assert teachers['de-kd-s0'] == ('ce-s0', 'milestone-1.pth.tar')
+
+    markdown = (out / 'results.md').read_text()
+    for mode in MODES:
+        assert f'| {mode} | 2 | ' in markdown
+    assert f'torch {torch.__version__}' in markdown and 'timm 1.0.31' in markdown and 'cores' in markdown
+    assert 'examples/study.py --data-dir' in markdown
+    assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_only_the_needed_runs_are_trained(finished_study):
+    out, _ = finished_study
+    assert sorted(p.name for p in (out / 'runs').iterdir()) == sorted(f'{m}-s{s}' for m in MODES for s in SEEDS)
+    result = json.loads((out / 'runs' / 'de-kd-s1' / study.RESULT_FILE).read_text())
+    assert result['checkpoint'] == 'last.pth.tar' and result['epoch'] == 0
+    assert '--tfkd-teacher-checkpoint' in result['command']
+
+
+def test_rerun_skips_finished_runs(finished_study, tiny_data, capsys):
+    out, _ = finished_study
+    checkpoints = sorted((out / 'runs').glob('*/last.pth.tar'))
+    before = {path: path.stat().st_mtime_ns for path in checkpoints}
+    attempts = {path: path.read_text() for path in (out / 'logs').glob('*.attempts.json')}
+    assert study.main(_argv(tiny_data, out)) == 0
+    assert {path: path.stat().st_mtime_ns for path in checkpoints} == before
+    assert {path: path.read_text() for path in (out / 'logs').glob('*.attempts.json')} == attempts
+    assert capsys.readouterr().out.count('finished earlier, skipped') == len(MODES) * len(SEEDS)
+    assert len(_read_csv(out / 'results.csv')) == len(MODES)
+
+
+def test_evaluate_last_on_validation_reproduces_the_final_summary_row(finished_study, tiny_data):
+    out, _ = finished_study
+    run_dir = out / 'runs' / 'reg-paper-s0'
+    final = _read_csv(run_dir / 'summary.csv')[-1]
+    metrics = evaluate_run(str(run_dir), str(tiny_data), split='validation', checkpoint='last', device='cpu')
+    assert metrics['top1'] == float(final['eval_top1'])
+    assert metrics['nll'] == pytest.approx(float(final['eval_nll']), rel=1e-6)
+    test = evaluate_run(str(run_dir), str(tiny_data), split='test', device='cpu')
+    assert set(test) == {'top1', 'top5', 'nll', 'ece'} and 0.0 <= test['top1'] <= 100.0
+    recorded = json.loads((run_dir / study.RESULT_FILE).read_text())['test']
+    assert test == pytest.approx(recorded)
+
+
+def test_evaluate_refuses_a_missing_split_and_checkpoint(finished_study, tiny_data):
+    out, _ = finished_study
+    run_dir = str(out / 'runs' / 'ce-s0')
+    with pytest.raises(EvaluationError, match="no 'holdout' split"):
+        evaluate_run(run_dir, str(tiny_data), split='holdout', device='cpu')
+    with pytest.raises(EvaluationError, match='does not exist'):
+        evaluate_run(run_dir, str(tiny_data), checkpoint='checkpoint-7.pth.tar', device='cpu')
+
+
+def test_evaluate_command_prints_one_json_line(finished_study, tiny_data, capsys):
+    from timm_tfkd.cli import main as cli_main
+    out, _ = finished_study
+    assert cli_main(['evaluate', str(out / 'runs' / 'ce-s1'), '--data-dir', str(tiny_data), '--device', 'cpu']) == 0
+    line = capsys.readouterr().out.strip()
+    assert '\n' not in line and json.loads(line)['split'] == 'test'
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch) -> Path:
+    """A trainer that records its arguments and fails at once, so failure and resume paths cost no training."""
+    calls = tmp_path / 'calls.jsonl'
+    script = tmp_path / 'fake_train.py'
+    script.write_text('import json, sys\n'
+                      f'open({str(calls)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n'
+                      'print("simulated crash", file=sys.stderr)\n'
+                      'sys.exit(3)\n')
+    monkeypatch.setattr(study, 'TRAIN_SCRIPT', script)
+    return calls
+
+
+def test_failed_run_is_reported_and_its_students_skipped(tiny_data, tmp_path, fake_trainer, capsys):
+    out = tmp_path / 'failing'
+    assert study.main(_argv(tiny_data, out, modes=('ce', 'self', 'reg-paper'), seeds=(0,))) == 1
+    calls = [json.loads(line) for line in fake_trainer.read_text().splitlines()]
+    assert [call[call.index('--experiment') + 1] for call in calls] == ['ce-s0', 'reg-paper-s0']
+    log = out / 'logs' / 'ce-s0.log'
+    assert 'simulated crash' in log.read_text()
+    markdown = (out / 'results.md').read_text()
+    assert f'run ce-s0 failed (exit status 3); log: {log}' in markdown
+    assert 'self-s0 not started: its teacher ce-s0 failed' in markdown
+    assert str(log) in capsys.readouterr().err
+
+
+def test_unfinished_run_is_resumed(tiny_data, tmp_path, fake_trainer):
+    out = tmp_path / 'resumed'
+    run_dir = out / 'runs' / 'ce-s0'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'last.pth.tar').write_bytes(b'')
+    study.main(_argv(tiny_data, out, modes=('ce',), seeds=(0,)))
+    (call,) = [json.loads(line) for line in fake_trainer.read_text().splitlines()]
+    assert call[-2:] == ['--resume', 'auto']
+
+
+def test_bad_extra_flag_is_refused_before_any_run(tiny_data, tmp_path, fake_trainer):
+    argv = _argv(tiny_data, tmp_path / 'bad', modes=('ce',), seeds=(0,))
+    argv[argv.index(f'--extra={EXTRA}')] = '--extra=--epochs 3'
+    assert study.main(argv) == 2
+    assert not fake_trainer.exists()
+
+
+def test_plan_trains_each_teacher_once_before_its_students():
+    plan = study.plan_runs(['ls', 'self', 'de-kd', 're-kd'], [0, 1], 'resnet18', 'resnet10t', 5, [],
+                           study.load_config(None))
+    names = [run.name for run in plan]
+    assert names == ['ls-s0', 'ce-s0', 'self-s0', 'de-kd-s0', 'ce-resnet10t-s0', 're-kd-s0',
+                     'ls-s1', 'ce-s1', 'self-s1', 'de-kd-s1', 'ce-resnet10t-s1', 're-kd-s1']
+    by_name = {run.name: run for run in plan}
+    assert by_name['re-kd-s1'].teacher == study.TeacherRef('ce-resnet10t-s1', 'last.pth.tar', 'resnet10t')
+    assert by_name['de-kd-s0'].teacher.checkpoint == 'milestone-1.pth.tar'
+    assert '--save-epochs' in by_name['ce-s0'].flags and by_name['ce-resnet10t-s0'].model == 'resnet10t'
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(study.StudyError, match='unknown mode'):
+        study.plan_runs(['ce', 'nope'], [0], 'resnet18', 'resnet10t', 1, [], study.load_config(None))
+

@@ -1,0 +1,115 @@
+"""Two processes with torchrun on CPU (gloo): rank 0 alone writes, validation metrics reduce exactly, and the
+Tf-KD-self teacher is never wrapped in DDP."""
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.data import create_dataset, create_loader
+from timm.models import create_model
+
+from timm_tfkd.train.metrics import ClassificationMetrics
+from conftest import write_image_folder
+from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
+    TRAIN_SCRIPT, load_state_dict, one_torch_thread, read_run_info, read_summary, run_subprocess, tiny_args,
+    train_in_process,
+)
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 2
+BATCH = 8
+# 48 validation images: 2 ranks x 3 batches of 8, so the distributed sampler adds no padding.
+PER_CLASS = 16
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp('ddp')
+
+
+@pytest.fixture(scope='module')
+def data_dir(workdir) -> Path:
+    data = write_image_folder(workdir / 'data', per_class=PER_CLASS)
+    assert len(list((data / 'validation').rglob('*.png'))) % (2 * BATCH) == 0
+    return data
+
+
+@pytest.fixture(scope='module')
+def teacher_run(workdir, data_dir) -> Path:
+    return train_in_process(tiny_args(data_dir, workdir / 'teacher-out', 'teacher', '--tfkd-mode', 'reg'))
+
+
+def _torchrun(argv):
+    return run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           TRAIN_SCRIPT, *argv], timeout=300)
+
+
+def _single_process_metrics(run_dir: Path, data_dir: Path) -> dict:
+    """Validation metrics of the saved model, computed here in one process with the run's data config."""
+    info = read_run_info(run_dir)
+    config = info['data_config']
+    model = create_model(info['model'], num_classes=info['num_classes'], in_chans=info['in_chans'])
+    model.load_state_dict(load_state_dict(run_dir / 'last.pth.tar'))
+    model.eval()
+    dataset = create_dataset('', root=str(data_dir), split='validation', is_training=False)
+    loader = create_loader(dataset, input_size=tuple(config['input_size']), batch_size=BATCH, is_training=False,
+                           interpolation=config['interpolation'], mean=tuple(config['mean']),
+                           std=tuple(config['std']), crop_pct=config['crop_pct'], crop_mode=config['crop_mode'],
+                           num_workers=0, device=torch.device('cpu'))
+    metrics = ClassificationMetrics(torch.device('cpu'))
+    seen = 0
+    with torch.inference_mode():
+        for input, target in loader:
+            metrics.update(model(input).float(), target)
+            seen += target.shape[0]
+    assert seen == len(dataset)
+    return metrics.compute()
+
+
+def _check_ddp_run(result, output: Path, experiment: str, data_dir: Path) -> Path:
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert 'Traceback' not in result.stderr
+    for rank in (0, 1):
+        assert f'process {rank} of 2' in result.stdout + result.stderr
+    # Rank 0 alone wrote: one folder, one row per epoch, the files of one run and nothing else.
+    assert sorted(os.listdir(output)) == [experiment]
+    run = output / experiment
+    expected = {'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'run_info.json',
+                *(f'checkpoint-{epoch}.pth.tar' for epoch in range(EPOCHS))}
+    assert set(os.listdir(run)) == expected
+    summary = read_summary(run)
+    assert [row['epoch'] for row in summary] == list(range(EPOCHS))
+
+    # Metrics summed across ranks equal the metrics of the same model on the whole validation set in one process.
+    reference = _single_process_metrics(run, data_dir)
+    final = summary[-1]
+    for name in ('top1', 'top5'):
+        assert final[f'eval_{name}'] == pytest.approx(reference[name], rel=1e-12), name
+    for name in ('loss', 'nll', 'ece'):
+        assert final[f'eval_{name}'] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), name
+    assert read_run_info(run)['final_metrics'] == pytest.approx({k: final[f'eval_{k}'] for k in reference})
+
+    keys = load_state_dict(run / 'last.pth.tar').keys()
+    assert not any(key.startswith('module.') for key in keys)  # saved unwrapped
+    return run
+
+
+def test_ddp_self_with_teacher(workdir, data_dir, teacher_run):
+    output = workdir / 'out-self'
+    argv = tiny_args(data_dir, output, 'self', '--tfkd-mode', 'self', '--tfkd-teacher-checkpoint', teacher_run,
+                     epochs=EPOCHS, batch_size=BATCH)
+    run = _check_ddp_run(_torchrun(argv), output, 'self', data_dir)
+    assert all(row['train_kd_loss'] > 0 for row in read_summary(run))
+    # The frozen teacher is neither wrapped nor saved: the student's checkpoint has no teacher weights.
+    assert not any('teacher' in key for key in load_state_dict(run / 'last.pth.tar'))
+    assert read_run_info(run)['tfkd']['teacher']['source'] == teacher_run.name
+
+
+def test_ddp_reg(workdir, data_dir):
+    output = workdir / 'out-reg'
+    argv = tiny_args(data_dir, output, 'reg', '--tfkd-mode', 'reg', epochs=EPOCHS, batch_size=BATCH)
+    run = _check_ddp_run(_torchrun(argv), output, 'reg', data_dir)
+    assert all(row['train_kd_loss'] > 0 and math.isfinite(row['train_loss']) for row in read_summary(run))
