@@ -80,7 +80,7 @@ CASES = {
     'alpha-out-of-range': (_args('data', '--tfkd-mode', 'reg', '--tfkd-alpha', '1.5'), ['--tfkd-alpha', '1.5']),
     'temperature-zero': (_args('data', '--tfkd-mode', 'reg', '--tfkd-temperature', '0'), ['--tfkd-temperature']),
     'correct-prob-below-1-over-k': (
-        _args('data', '--tfkd-mode', 'reg', '--tfkd-correct-prob', '0.2'), ['correct_prob', '0.2', 'K=3']),
+        _args('data', '--tfkd-mode', 'reg', '--tfkd-correct-prob', '0.2'), ['--tfkd-correct-prob', '0.2', 'K=3']),
     'unsupported-flag': (_args('data', '--naflex-loader'), ['--naflex-loader', 'not supported']),
     'kd-model-name-with-tfkd': (
         _args('data', '--kd-model-name', 'resnet18', '--tfkd-mode', 'reg'), ['--kd-model-name', '--tfkd-mode reg']),
