@@ -34,15 +34,20 @@ case "${1:-}" in
     "$PY" -m timm_tfkd.cli fashion-mnist "$DATA" --train-size "${TRAIN_SIZE:-30000}" --val-size 5000 --source "$SOURCE"
     STUDY=(examples/study.py --data-dir "$DATA" --out /tmp/study --model "${MODEL:-resnet18}" --epochs "${EPOCHS:-10}"
            --device cuda --extra="--num-classes 10 --img-size 28 --in-chans 1 --mean 0.286 --std 0.353 -b 256 --lr 0.2
-           --scale 0.75 1 --ratio 0.9 1.1 --color-jitter 0 --hflip 0.5 --crop-pct 1 --amp --amp-dtype bfloat16
+           --warmup-epochs 1 --weight-decay 5e-4 --scale 0.75 1 --ratio 0.9 1.1 --color-jitter 0 --hflip 0.5 --crop-pct 1
+           --amp --amp-dtype bfloat16
            --channels-last -j ${WORKERS:-5}")
     # One study process per seed side by side (runs of one seed depend on each other, seeds do not), then one
     # pass over all seeds that finds every run finished and writes the combined tables.
+    pids=()
     for seed in $SEEDS; do
-      "$PY" "${STUDY[@]}" --seeds "$seed" > "$OUT/study_seed$seed.log" 2>&1 &
+      timeout "${STUDY_TIMEOUT:-420}" "$PY" "${STUDY[@]}" --seeds "$seed" > "$OUT/study_seed$seed.log" 2>&1 &
+      pids+=($!)
     done
-    wait
-    "$PY" "${STUDY[@]}" --seeds $SEEDS 2>&1 | tail -n 40 | tee "$OUT/study.log"
+    failed=0
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    # The combined pass only reports when every run is finished (it would otherwise train what is missing).
+    [ "$failed" = 0 ] && "$PY" "${STUDY[@]}" --seeds $SEEDS 2>&1 | tail -n 40 | tee "$OUT/study.log"
     cp /tmp/study/results.md /tmp/study/results.csv /tmp/study/results.png "$OUT/" 2>/dev/null
     tail -n 5 "$OUT"/study_seed*.log
     ;;

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """A seeded Tf-KD study: every mode x seed trained with ``train_tfkd.py``, the final epoch scored on a held-out test.
 
-    python examples/study.py --data-dir data/fashion-mnist --out output/study --model resnet18 \\
-        --modes ce ls reg-paper reg-official self de-kd --seeds 0 1 2 --epochs 10 \\
-        --extra="--num-classes 10 --img-size 28 --in-chans 1 -b 128 --lr 0.1 -j 2"
+    timm-tfkd fashion-mnist data/fashion-mnist-20k --train-size 20000
+    python examples/study.py --data-dir data/fashion-mnist-20k --out output/study-fmnist --model resnet18 \\
+        --modes ce ls reg-paper reg-official self de-kd --seeds 0 1 2 --epochs 10 --eval-workers 2 \\
+        --extra="--num-classes 10 --in-chans 1 --img-size 28 --mean 0.286 --std 0.353 --crop-pct 1 \\
+                 --scale 0.75 1 --ratio 0.9 1.1 --color-jitter 0 --train-interpolation bilinear \\
+                 --interpolation bilinear -b 128 --lr 0.1 --weight-decay 5e-4 --sched cosine --sched-on-updates \\
+                 --warmup-epochs 1 --channels-last --tfkd-teacher-channels-last -j 2 \\
+                 --model-kwargs channels=(24,48,96,192) stem_width=24"
 
 The data folder needs ``train``, ``validation`` (carved from the training data) and ``test`` splits, as
 ``timm-tfkd fashion-mnist OUT`` writes them. Runs validate on ``validation``, where any hyper-parameter choice must
@@ -246,11 +251,15 @@ def trainer_argv(run: Run, study: Study) -> List[str]:
 
 
 def check_plan(plan: List[Run], study: Study) -> None:
-    """Parse every run's command with the trainer's own parser now, not hours into the study."""
+    """Parse every run's command with the trainer's own parser now, not hours into the study.
+
+    Also warns when the defective teacher's first epoch would be spent entirely in warmup.
+    """
     for split in SPLITS:
         if not os.path.isdir(os.path.join(study.data_dir, split)):
             raise StudyError(f"--data-dir '{study.data_dir}' has no '{split}' split folder (needs "
                              f"{', '.join(SPLITS)}; see `timm-tfkd fashion-mnist`)")
+    defective_sources = {r.teacher.run for r in plan if r.teacher and r.teacher.checkpoint.startswith('milestone-')}
     for run in plan:
         try:
             args, _ = parse_args(trainer_argv(run, study))
@@ -259,6 +268,17 @@ def check_plan(plan: List[Run], study: Study) -> None:
             raise StudyError(f'the trainer refuses the flags of run {run.name} (its message is above)') from None
         except UsageError as e:
             raise StudyError(f'run {run.name}: {e}') from None
+        if run.name in defective_sources:
+            _warn_if_warmup_spans_first_epoch(args, run)
+
+
+def _warn_if_warmup_spans_first_epoch(args: argparse.Namespace, run: Run) -> None:
+    """timm steps a warmup per epoch unless --sched-on-updates: the first epoch then trains at --warmup-lr only."""
+    if args.warmup_epochs >= DEFECTIVE_EPOCHS and not args.sched_on_updates:
+        print(f'warning: the defective teacher is {run.name} after epoch {DEFECTIVE_EPOCHS}, which --warmup-epochs '
+              f'{args.warmup_epochs} without --sched-on-updates trains at lr {args.warmup_lr:g} only: it is almost '
+              f'the random initialisation. Add --sched-on-updates (warmup per iteration) or --warmup-epochs 0.',
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,7 +605,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data-dir', required=True, help='Folder with train / validation / test split folders.')
     parser.add_argument('--out', required=True, help='Study folder: runs/, logs/, results.*; rerun to resume.')
     parser.add_argument('--model', default='resnet18', help='Student (and self / defective teacher) architecture.')
-    parser.add_argument('--weak-model', default='resnet10t', help='Re-KD teacher architecture, weaker than --model.')
+    parser.add_argument('--weak-model', default='resnet10t',
+                        help='Re-KD teacher architecture, weaker than --model (--extra applies to it too).')
     parser.add_argument('--modes', nargs='+', default=list(DEFAULT_MODES),
                         help=f"Modes of the study config. Default: {' '.join(DEFAULT_MODES)}.")
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='Default: 0 1 2.')
@@ -606,7 +627,7 @@ def _settings(options: argparse.Namespace, argv: Sequence[str]) -> Dict[str, str
         'Versions': f'torch {torch.__version__}, timm {timm.__version__}, timm_tfkd {timm_tfkd.__version__}, '
                     f'Python {platform.python_version()}',
         'Machine': machine_description(options.device),
-        'Design': f"model {options.model}, {options.epochs} epochs, seeds {' '.join(map(str, options.seeds))}, "
+        'Design': f"model {options.model}, epochs {options.epochs}, seeds {' '.join(map(str, options.seeds))}, "
                   f"data {options.data_dir}, extra flags `{options.extra}`",
     }
 

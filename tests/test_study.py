@@ -176,6 +176,14 @@ def test_bad_extra_flag_is_refused_before_any_run(tiny_data, tmp_path, fake_trai
     assert not fake_trainer.exists()
 
 
+@pytest.mark.parametrize('schedule, warned', [('--warmup-epochs 1', True), ('--warmup-epochs 0', False),
+                                               ('--warmup-epochs 1 --sched-on-updates', False)])
+def test_defective_teacher_warns_when_its_first_epoch_is_all_warmup(tiny_data, tmp_path, schedule, warned, capsys):
+    plan = study.plan_runs(['de-kd'], [0], 'test_resnet', 'test_resnet', 3, schedule.split(), study.load_config(None))
+    study.check_plan(plan, study.Study(str(tiny_data), tmp_path, 'cpu', 0))
+    assert ('warning: the defective teacher is ce-s0' in capsys.readouterr().err) == warned
+
+
 def test_plan_trains_each_teacher_once_before_its_students():
     plan = study.plan_runs(['ls', 'self', 'de-kd', 're-kd'], [0, 1], 'resnet18', 'resnet10t', 5, [],
                            study.load_config(None))

@@ -167,7 +167,7 @@ def evaluate_run(
         device: Optional[str] = None,
         workers: int = 0,
 ) -> Dict[str, float]:
-    """Top-1, top-5, NLL and ECE of a training run's weights on a data split.
+    """Top-1, top-5, NLL and ECE of a training run's weights (the model's, not the EMA's) on a data split.
 
     Args:
         run_dir: Training output folder (``args.yaml``, ``run_info.json``, checkpoints).
