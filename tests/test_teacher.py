@@ -178,3 +178,13 @@ def test_bfloat16_teacher_within_documented_tolerance():
     logits = teacher(_x())
     assert logits.dtype == torch.float32
     assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 5e-2
+
+
+def test_compiled_teacher_keeps_logits(monkeypatch):
+    """The compile switch goes through the same logits check (eager backend: inductor needs minutes on 2 cores)."""
+    import functools
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
+    reference = SelfTeacher(_model(), *IMAGENET)(_x())
+    teacher = SelfTeacher(_model(), *IMAGENET).speed_up(_x(seed=5), channels_last=True, fuse_bn=True, compile=True)
+    assert teacher._forward_model is not teacher.model
+    assert ((teacher(_x()) - reference).abs().max() / reference.abs().max()).item() <= 1e-5
