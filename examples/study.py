@@ -617,6 +617,8 @@ def create_parser() -> argparse.ArgumentParser:
                                                        f"teacher: {'|'.join(TEACHER_KINDS)}}}.")
     parser.add_argument('--device', default=None, help="Trainer and evaluation device. Default: the trainer's "
                                                        '(cuda when available, else cpu).')
+    parser.add_argument('--report-only', action='store_true',
+                        help='Train nothing: write the tables from the runs finished so far (n per mode says how many).')
     parser.add_argument('--eval-workers', type=int, default=0, help='Loader processes for test scoring.')
     return parser
 
@@ -647,7 +649,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'study.py: error: {e}', file=sys.stderr)
         return 2
     study.out.mkdir(parents=True, exist_ok=True)
-    failures = run_all(plan, study)
+    failures = {} if options.report_only else run_all(plan, study)
     rows = collect_rows(options.modes, options.seeds, study)
     table = summarize(rows, options.modes, config)
     write_reports(study, table, rows, _settings(options, argv), config, failures)
