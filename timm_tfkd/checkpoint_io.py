@@ -1,5 +1,6 @@
 """Reading weights safely: safetensors, or torch files under ``weights_only=True`` only."""
 import argparse
+import hashlib
 import os
 import pickle
 import re
@@ -12,6 +13,15 @@ STATE_DICT_KEYS = ('state_dict', 'model', 'module')
 EMA_STATE_DICT_KEYS = ('state_dict_ema', 'model_ema')
 # timm's train.py writes these; `model_best` wins so a self-teacher is the model the run selected.
 RUN_DIR_CHECKPOINTS = ('model_best.pth.tar', 'last.pth.tar')
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CheckpointError(ValueError):

@@ -18,7 +18,7 @@ from .checkpoint_io import CheckpointError, load_state_dict_file, resolve_run_di
 from .train.args import UsageError, create_parser
 from .train.build import Precision, create_precision, create_student
 from .train.data import _class_names, _create_dataset
-from .train.metrics import ClassificationMetrics
+from .train.engine import measure
 
 METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
 LAST_CHECKPOINT = 'last.pth.tar'
@@ -138,26 +138,6 @@ def _create_eval_loader(args: argparse.Namespace, info: Dict[str, Any], data_dir
     )
 
 
-@torch.no_grad()
-def _measure(model: nn.Module, loader, args: argparse.Namespace, device: torch.device,
-             precision: Precision) -> Dict[str, float]:
-    model.eval()
-    metrics = ClassificationMetrics(device)
-    with torch.inference_mode():
-        for input, target in loader:
-            if args.no_prefetcher:
-                input, target = input.to(device=device, dtype=precision.model_dtype), target.to(device=device)
-            if args.channels_last:
-                input = input.contiguous(memory_format=torch.channels_last)
-            with precision.autocast():
-                output = model(input)
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            metrics.update(output.float(), target)
-    result = metrics.compute()
-    return {name: result[name] for name in METRIC_NAMES}
-
-
 def evaluate_run(
         run_dir: str,
         data_dir: str,
@@ -197,4 +177,6 @@ def evaluate_run(
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     loader = _create_eval_loader(args, info, data_dir, split, batch_size, workers, device, precision)
-    return _measure(model, loader, args, device, precision)
+    result = measure(model, loader, device, not args.no_prefetcher, args.channels_last, precision.autocast,
+                     precision.model_dtype).compute()
+    return {name: result[name] for name in METRIC_NAMES}

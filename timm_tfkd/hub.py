@@ -5,7 +5,6 @@ An export is a folder timm can load on its own (``model.safetensors`` + ``config
 """
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from timm.models._hub import hf_split
 from torch import nn
 
 from .checkpoint_io import (
-    EMA_STATE_DICT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint)
+    EMA_STATE_DICT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint, sha256_file)
 from .version import __version__
 
 __all__ = [
@@ -294,15 +293,6 @@ def _build_model(run: _Run, selection: _Selection) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing the export
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_export(folder: PathLike) -> bool:

@@ -10,7 +10,9 @@ from timm.data import resolve_data_config
 from timm.layers import BatchNormAct2d
 from timm.models import create_model
 
-from .checkpoint_io import CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint
+from .checkpoint_io import (
+    CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint, sha256_file,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -41,14 +43,6 @@ def channel_stats(values: Sequence[float], channels: int, name: str) -> Tuple[fl
     if channels == 1:
         return (sum(values) / len(values),)
     raise TeacherError(f'{name} has {len(values)} values but the model has {channels} input channels')
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -258,7 +252,7 @@ def _read_teacher_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[s
     state_dict = extract_state_dict(checkpoint)
     run_args = checkpoint.get('args')
     run_args = vars(run_args) if run_args is not None and not isinstance(run_args, dict) else (run_args or {})
-    identity = {'source': os.path.basename(os.path.normpath(path)), 'sha256': _sha256(file_path)}
+    identity = {'source': os.path.basename(os.path.normpath(path)), 'sha256': sha256_file(file_path)}
     return state_dict, {'args': run_args, 'identity': identity}
 
 

@@ -163,25 +163,42 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Test') -> Dict[str, float]:
-    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks."""
-    args = ctx.args
+def measure(
+        model: torch.nn.Module,
+        loader,
+        device: torch.device,
+        prefetcher: bool,
+        channels_last: bool,
+        amp_autocast: Callable[[], AbstractContextManager],
+        model_dtype: Optional[torch.dtype] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+) -> ClassificationMetrics:
+    """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums."""
     model.eval()
-    metrics = ClassificationMetrics(ctx.device)
-    progress = Progress(ctx.is_primary, args.log_interval, live_only=True)
+    metrics = ClassificationMetrics(device)
     num_batches = len(loader)
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
-            if not args.prefetcher:
-                input, target = input.to(device=ctx.device, dtype=ctx.model_dtype), target.to(device=ctx.device)
-            if args.channels_last:
+            if not prefetcher:
+                input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
+            if channels_last:
                 input = input.contiguous(memory_format=torch.channels_last)
-            with ctx.amp_autocast():
+            with amp_autocast():
                 output = model(input)
             if isinstance(output, (tuple, list)):
                 output = output[0]
             metrics.update(output.float(), target)
-            progress.update(label, batch_idx, num_batches, '')
+            if progress is not None:
+                progress(batch_idx, num_batches)
+    return metrics
+
+
+def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Test') -> Dict[str, float]:
+    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks."""
+    args = ctx.args
+    progress = Progress(ctx.is_primary, args.log_interval, live_only=True)
+    metrics = measure(model, loader, ctx.device, args.prefetcher, args.channels_last, ctx.amp_autocast,
+                      ctx.model_dtype, progress=lambda index, total: progress.update(label, index, total, ''))
     metrics.reduce()
     result = metrics.compute()
     if ctx.is_primary:
