@@ -4,9 +4,10 @@ import hashlib
 import os
 import pickle
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Type
 
 import torch
+import yaml
 from timm.models import clean_state_dict
 
 STATE_DICT_KEYS = ('state_dict', 'model', 'module')
@@ -100,3 +101,17 @@ def extract_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dic
 def load_state_dict_file(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """:func:`read_checkpoint` then :func:`extract_state_dict`."""
     return extract_state_dict(read_checkpoint(path), use_ema=use_ema)
+
+
+def read_run_args(path: str, error: Type[Exception]) -> Dict[str, Any]:
+    """The training arguments a run saved in ``args.yaml``, or ``error`` saying what is wrong with the file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            args = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise error(f"'{os.path.basename(path)}' is missing in '{os.path.dirname(path)}'") from None
+    except yaml.YAMLError as e:
+        raise error(f"'{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(args, dict):
+        raise error(f"'{path}' does not hold a mapping of training arguments")
+    return args

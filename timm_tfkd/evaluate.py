@@ -11,10 +11,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import yaml
 from timm.data import create_loader
 
-from .checkpoint_io import CheckpointError, load_state_dict_file, resolve_run_dir_checkpoint
+from .checkpoint_io import CheckpointError, load_state_dict_file, read_run_args, resolve_run_dir_checkpoint
 from .train.args import UsageError, create_parser
 from .train.build import Precision, create_precision, create_student
 from .train.data import _class_names, _create_dataset
@@ -41,16 +40,7 @@ def _read_run_info(run_dir: str) -> Dict[str, Any]:
 
 def _read_training_args(run_dir: str) -> argparse.Namespace:
     """The trainer's arguments: its parser defaults, overridden by every key the run saved in ``args.yaml``."""
-    path = os.path.join(run_dir, 'args.yaml')
-    try:
-        with open(path, encoding='utf-8') as f:
-            saved = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise EvaluationError(f"'{run_dir}' has no args.yaml") from None
-    except yaml.YAMLError as e:
-        raise EvaluationError(f"'{path}' is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(saved, dict):
-        raise EvaluationError(f"'{path}' does not hold a mapping of training arguments")
+    saved = read_run_args(os.path.join(run_dir, 'args.yaml'), EvaluationError)
     args = create_parser().parse_args([])
     # Keys unknown to this version's parser cannot change how the model or data are built here.
     for key, value in saved.items():

@@ -26,7 +26,8 @@ from timm.models._hub import hf_split
 from torch import nn
 
 from .checkpoint_io import (
-    EMA_STATE_DICT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint, sha256_file)
+    EMA_STATE_DICT_KEYS, CheckpointError, extract_state_dict, read_checkpoint, read_run_args, resolve_run_dir_checkpoint,
+    sha256_file)
 from .version import __version__
 
 __all__ = [
@@ -151,16 +152,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _read_args(path: Path) -> Dict[str, Any]:
-    try:
-        with path.open(encoding='utf-8') as f:
-            args = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ExportError(f"'{path.name}' is missing in '{path.parent}'") from None
-    except yaml.YAMLError as e:
-        raise ExportError(f"'{path}' is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(args, dict):
-        raise ExportError(f"'{path}' does not hold a mapping of training arguments")
-    return args
+    return read_run_args(str(path), ExportError)
 
 
 def _to_number(value: Optional[str]) -> Optional[float]:
