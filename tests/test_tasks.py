@@ -272,7 +272,9 @@ def test_mixup_soft_targets(mode):
         dense = task(x, F.one_hot(y, K).float())
     assert set(dense) == set(hard)
     for key in hard:
-        torch.testing.assert_close(dense[key], hard[key])
+        # In float32 the KL is tau^2 times a difference of two O(1) sums: its rounding (~1e-7) is amplified by
+        # tau^2 / KL, so the two paths agree to ~1e-5 relative, and how closely depends on the CPU's kernels.
+        torch.testing.assert_close(dense[key], hard[key], rtol=5e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('mode', ['reg', 'self'])
