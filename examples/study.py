@@ -47,7 +47,9 @@ import yaml
 
 import timm_tfkd
 from timm_tfkd.evaluate import EvaluationError, evaluate_run
-from timm_tfkd.train.args import UsageError, check_supported, parse_args
+from timm_tfkd.errors import UsageError
+from timm_tfkd.train.config import parse_args
+from timm_tfkd.train.policy import check_supported
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / 'train_tfkd.py'
 
@@ -262,7 +264,7 @@ def check_plan(plan: List[Run], study: Study) -> None:
     defective_sources = {r.teacher.run for r in plan if r.teacher and r.teacher.checkpoint.startswith('milestone-')}
     for run in plan:
         try:
-            args, _ = parse_args(trainer_argv(run, study))
+            args = parse_args(trainer_argv(run, study)).args
             check_supported(args)
         except SystemExit:
             raise StudyError(f'the trainer refuses the flags of run {run.name} (its message is above)') from None

@@ -24,6 +24,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 from timm_tfkd import hub
 from timm_tfkd.checkpoint_io import CheckpointError
 from timm_tfkd.cli import main
+from timm_tfkd.train import publish
 
 NUM_CLASSES = 4
 CLASS_NAMES = ['T-shirt', 'Trouser', 'Pullover', 'Dress']
@@ -458,7 +459,7 @@ def test_failed_upload_keeps_export_and_prints_retry(make_run, offline_hub, monk
     folder = run.run_dir / 'hub_export'
     assert sorted(p.name for p in folder.iterdir()) == sorted(hub.EXPORT_FILES)
 
-    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: api)
+    monkeypatch.setattr(hub.upload, 'HfApi', lambda **kwargs: api)
     assert main(['push', str(run.run_dir), REPO_ID, '--private', '--revision', 'v1']) == 1
     err = capsys.readouterr().err
     assert err.startswith('timm-tfkd: error: upload of') and retry in err and 'Traceback' not in err
@@ -481,7 +482,7 @@ def test_failed_push_of_an_export_folder_retries_that_folder(make_run, offline_h
         ['timm-tfkd', 'push', str(folder), REPO_ID, '--commit-message', 'try 1'])
 
     api.fail_with = None
-    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: api)
+    monkeypatch.setattr(hub.upload, 'HfApi', lambda **kwargs: api)
     assert main(shlex.split(info.value.retry_command)[1:]) == 0
     assert api.calls[-1][1]['folder_path'] == str(folder) and api.calls[-1][1]['commit_message'] == 'try 1'
 
@@ -496,7 +497,7 @@ def test_env_token_is_used_but_never_written_or_logged(make_run, offline_hub, mo
 
     # A failing call whose error echoes the token: the retry message must not repeat it.
     failing = FakeHubApi(offline_hub, fail_with=PermissionError(f'401: invalid token {FAKE_TOKEN}'))
-    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: failing)
+    monkeypatch.setattr(hub.upload, 'HfApi', lambda **kwargs: failing)
     assert main(['push', str(run.run_dir), REPO_ID]) == 1
 
     captured = capsys.readouterr()
@@ -512,9 +513,9 @@ def test_env_token_is_used_but_never_written_or_logged(make_run, offline_hub, mo
 
 def _trainer_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    hub.add_hub_args(parser)
+    publish.add_hub_args(parser)
     args = parser.parse_args(argv)
-    hub.check_hub_args(args)
+    publish.check_hub_args(args)
     return args
 
 
@@ -531,27 +532,27 @@ def test_hub_args_defaults_and_validation():
         assert '\n' not in str(info.value)
 
 
-def test_finish_run_exports_and_pushes_as_asked(make_run, offline_hub, monkeypatch, capsys):
+def test_publish_run_exports_and_pushes_as_asked(make_run, offline_hub, monkeypatch):
     run = make_run()
-    assert hub.finish_run_for_hub(_trainer_args([]), run.run_dir) is None
+    publish.publish_run(_trainer_args([]), run.run_dir)
     assert not (run.run_dir / 'hub_export').exists()
 
     export_dir = run.root / 'chosen_export'
-    assert hub.finish_run_for_hub(_trainer_args(['--export-dir', str(export_dir)]), run.run_dir) is None
+    publish.publish_run(_trainer_args(['--export-dir', str(export_dir)]), run.run_dir)
     assert sorted(p.name for p in export_dir.iterdir()) == sorted(hub.EXPORT_FILES)
 
     api = FakeHubApi(offline_hub)
-    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: api)
+    monkeypatch.setattr(hub.upload, 'HfApi', lambda **kwargs: api)
     args = _trainer_args(['--push-to-hub', '--hub-model-id', REPO_ID])
-    assert hub.finish_run_for_hub(args, run.run_dir) is None
+    publish.publish_run(args, run.run_dir)
     assert api.uploaded_files == sorted(hub.EXPORT_FILES)
     assert api.calls[-1][1]['folder_path'] == str(run.run_dir / 'hub_export')
 
     api.fail_with = OSError('403 Forbidden')
     args = _trainer_args(['--push-to-hub', '--hub-model-id', REPO_ID, '--export-dir', str(export_dir)])
-    assert hub.finish_run_for_hub(args, run.run_dir) == 1
-    err = capsys.readouterr().err
-    assert f'timm-tfkd push {run.run_dir} org/name --export-dir {export_dir}' in err
+    with pytest.raises(hub.HubUploadError) as info:  # the trainer's exit status 1
+        publish.publish_run(args, run.run_dir)
+    assert f'timm-tfkd push {run.run_dir} org/name --export-dir {export_dir}' in str(info.value)
     assert sorted(p.name for p in export_dir.iterdir()) == sorted(hub.EXPORT_FILES)
 
 
@@ -572,7 +573,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(make_run, offline_hub, monkeypatch,
     garbage = run.root / 'garbage.pth.tar'
     garbage.write_bytes(b'not a checkpoint')
     api = FakeHubApi(offline_hub)
-    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: api)
+    monkeypatch.setattr(hub.upload, 'HfApi', lambda **kwargs: api)
     out = str(run.root / 'export')
     cases = [
         [],

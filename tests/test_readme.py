@@ -4,7 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from timm_tfkd.train.args import UNSUPPORTED_FLAGS, create_parser
+from timm_tfkd.train.flags import create_parser
+from timm_tfkd.train.policy import UNSUPPORTED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()

@@ -7,7 +7,8 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from timm_tfkd.train.args import check_supported, parse_args
+from timm_tfkd.train.config import parse_args
+from timm_tfkd.train.policy import check_supported
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / 'examples' / 'recipes'
 RECIPES = sorted(RECIPES_DIR.rglob('*.yaml'))
@@ -16,7 +17,7 @@ CIFAR_METHODS = ('baseline', 'ls', 'reg_official', 'reg_paper', 'self', 'kd', 'r
 
 
 def _args(path: Path):
-    return parse_args(['-c', str(path)])[0]
+    return parse_args(['-c', str(path)]).args
 
 
 def _by_run_folder() -> Dict[str, object]:

@@ -8,17 +8,10 @@ import pytest
 import yaml
 from timm.loss import LOSS_TYPES
 
-from timm_tfkd.train.args import (
-    TIMM_1_0_31_FLAGS,
-    UNSUPPORTED_FLAGS,
-    UsageError,
-    check_supported,
-    create_parser,
-    explicitly_set,
-    parse_args,
-    resolve_smoothing,
-    write_args_yaml,
-)
+from timm_tfkd.errors import UsageError
+from timm_tfkd.train.config import args_to_yaml, parse_args as parse_command_line
+from timm_tfkd.train.flags import TIMM_1_0_31_FLAGS, create_parser
+from timm_tfkd.train.policy import UNSUPPORTED_FLAGS, check_supported, resolve_smoothing
 
 with open(os.path.join(os.path.dirname(__file__), 'data', 'timm_train_args.json')) as _f:
     TIMM_ARGS = json.load(_f)['args']
@@ -27,6 +20,22 @@ with open(os.path.join(os.path.dirname(__file__), 'data', 'timm_train_args.json'
 @pytest.fixture(scope='module')
 def parser() -> argparse.ArgumentParser:
     return create_parser()
+
+
+def parse_args(argv):
+    """The parsed arguments and their args.yaml text."""
+    command_line = parse_command_line(argv)
+    return command_line.args, command_line.yaml
+
+
+def explicitly_set(argv):
+    """The destinations the user chose in ``argv``."""
+    return parse_command_line(argv).explicit
+
+
+def write_args_yaml(args, path):
+    with open(path, 'w') as f:
+        f.write(args_to_yaml(args))
 
 
 def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:

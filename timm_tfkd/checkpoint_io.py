@@ -4,16 +4,15 @@ import hashlib
 import os
 import pickle
 import re
-from typing import Any, Dict, Type
+from typing import Any, Dict
 
 import torch
-import yaml
 from timm.models import clean_state_dict
+
+from .errors import CheckpointError
 
 STATE_DICT_KEYS = ('state_dict', 'model', 'module')
 EMA_STATE_DICT_KEYS = ('state_dict_ema', 'model_ema')
-# timm's train.py writes these; `model_best` wins so a self-teacher is the model the run selected.
-RUN_DIR_CHECKPOINTS = ('model_best.pth.tar', 'last.pth.tar')
 
 
 def sha256_file(path: str) -> str:
@@ -25,24 +24,11 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, unsafe or of the wrong shape."""
-
-
-def resolve_run_dir_checkpoint(path: str) -> str:
-    """Return the checkpoint file to use from a training output folder (``model_best``, else ``last``)."""
-    for name in RUN_DIR_CHECKPOINTS:
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise CheckpointError(f"no {' or '.join(RUN_DIR_CHECKPOINTS)} in training output folder '{path}'")
-
-
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """Load a checkpoint file without executing pickled code.
 
     Args:
-        path: A ``.safetensors`` file, a torch file (``.pth``, ``.pth.tar``, ``.bin``), or a training output folder.
+        path: A ``.safetensors`` file or a torch file (``.pth``, ``.pth.tar``, ``.bin``).
 
     Returns:
         The loaded mapping (for safetensors, the tensors themselves).
@@ -50,8 +36,6 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     Raises:
         CheckpointError: The file is missing, corrupt, or holds objects other than tensors and plain containers.
     """
-    if os.path.isdir(path):
-        path = resolve_run_dir_checkpoint(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if path.endswith('.safetensors'):
@@ -101,17 +85,3 @@ def extract_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dic
 def load_state_dict_file(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """:func:`read_checkpoint` then :func:`extract_state_dict`."""
     return extract_state_dict(read_checkpoint(path), use_ema=use_ema)
-
-
-def read_run_args(path: str, error: Type[Exception]) -> Dict[str, Any]:
-    """The training arguments a run saved in ``args.yaml``, or ``error`` saying what is wrong with the file."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            args = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise error(f"'{os.path.basename(path)}' is missing in '{os.path.dirname(path)}'") from None
-    except yaml.YAMLError as e:
-        raise error(f"'{path}' is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(args, dict):
-        raise error(f"'{path}' does not hold a mapping of training arguments")
-    return args

@@ -10,19 +10,13 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .checkpoint_io import CheckpointError
-from .evaluate import EvaluationError, evaluate_run
-from .fashion_mnist import DEFAULT_SOURCE, prepare_folder
-from .hub import ExportError, HubUploadError, InvalidRepoIdError, export_run, is_export, push_run, push_to_hub
+from .datasets.fashion_mnist import DEFAULT_SOURCE, prepare_folder
+from .errors import ExportError, HubUploadError, TfKDError, UsageError
+from .evaluate import evaluate_run
+from .hub import export_run, is_export, push_run, push_to_hub
 from .version import __version__
 
 PROG = 'timm-tfkd'
-# Errors caused by what the user asked for: reported in one line, exit status 2, no traceback.
-USER_ERRORS = (ExportError, InvalidRepoIdError, CheckpointError, EvaluationError, FileNotFoundError)
-
-
-class UsageError(Exception):
-    """A command line that argparse rejected."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,12 +174,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except USER_ERRORS as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return 2
-    except HubUploadError as e:
+    except HubUploadError as e:  # the export is on disk; the message ends with the command that retries
         _fail(str(e))
         return 1
+    except (TfKDError, FileNotFoundError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 2
 
 
 if __name__ == '__main__':

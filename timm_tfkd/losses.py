@@ -52,19 +52,39 @@ def _xlogx(x: float) -> float:
     return x * math.log(x) if x > 0.0 else 0.0
 
 
-def _check_alpha(alpha: float) -> float:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f'alpha must be in [0, 1], got {alpha}')
-    return float(alpha)
-
-
-def _check_positive(name: str, value: float) -> float:
-    if not value > 0.0:
-        raise ValueError(f'{name} must be > 0, got {value}')
+def check_unit_interval(name: str, value: float) -> float:
+    """``value`` in [0, 1] (NaN refused), e.g. a loss weight; ``name`` is how the message calls it."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must be in [0, 1], got {value:g}')
     return float(value)
 
 
-def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> str:
+def check_positive(name: str, value: float) -> float:
+    """``value`` > 0 (NaN refused)."""
+    if not value > 0.0:
+        raise ValueError(f'{name} must be > 0, got {value:g}')
+    return float(value)
+
+
+def check_correct_prob(name: str, value: float, num_classes: Optional[int] = None) -> float:
+    """A virtual teacher's probability of the true class: in (1/K, 1], or in (0, 1] while K is not known."""
+    if num_classes is not None and not 1.0 / num_classes < value <= 1.0:
+        raise ValueError(f'{name} must be in (1/K, 1] = ({1.0 / num_classes:.6g}, 1] for K={num_classes}, '
+                         f'got {value:g}')
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f'{name} must be in (0, 1], got {value:g}')
+    return float(value)
+
+
+def check_smoothing(name: str, value: float) -> float:
+    """A label smoothing epsilon, in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f'{name} must be in [0, 1), got {value:g}')
+    return float(value)
+
+
+def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> str:
+    """``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
     return value
@@ -225,23 +245,18 @@ class VirtualTeacherLoss(nn.Module):
             multiplier: float = 1.0,
     ):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
-        self.temperature = _check_positive('temperature', temperature)
-        if not 0.0 < correct_prob <= 1.0:
-            raise ValueError(f'correct_prob must be in (1/K, 1], got {correct_prob}')
-        self.correct_prob = float(correct_prob)
-        self.formula = _check_choice('formula', formula, FORMULAS)
-        self.multiplier = _check_positive('multiplier', multiplier)
+        self.alpha = check_unit_interval('alpha', alpha)
+        self.temperature = check_positive('temperature', temperature)
+        self.correct_prob = check_correct_prob('correct_prob', correct_prob)
+        self.formula = check_choice('formula', formula, FORMULAS)
+        self.multiplier = check_positive('multiplier', multiplier)
 
     def extra_repr(self) -> str:
         return (f'alpha={self.alpha}, temperature={self.temperature}, correct_prob={self.correct_prob}, '
                 f'formula={self.formula}, multiplier={self.multiplier}')
 
     def _other_prob(self, num_classes: int) -> float:
-        if self.correct_prob <= 1.0 / num_classes:
-            raise ValueError(
-                f'correct_prob must be in (1/K, 1] = ({1.0 / num_classes:.6g}, 1] for K={num_classes}, '
-                f'got {self.correct_prob}')
+        check_correct_prob('correct_prob', self.correct_prob, num_classes)
         return (1.0 - self.correct_prob) / (num_classes - 1)
 
     def softened_teacher(self, num_classes: int) -> TwoValuedTeacher:
@@ -290,10 +305,10 @@ class SelfDistillLoss(nn.Module):
 
     def __init__(self, alpha: float = 0.9, temperature: float = 20.0, formula: str = 'paper', multiplier: float = 1.0):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
-        self.temperature = _check_positive('temperature', temperature)
-        self.formula = _check_choice('formula', formula, FORMULAS)
-        self.multiplier = _check_positive('multiplier', multiplier)
+        self.alpha = check_unit_interval('alpha', alpha)
+        self.temperature = check_positive('temperature', temperature)
+        self.formula = check_choice('formula', formula, FORMULAS)
+        self.multiplier = check_positive('multiplier', multiplier)
 
     def extra_repr(self) -> str:
         return (f'alpha={self.alpha}, temperature={self.temperature}, formula={self.formula}, '
@@ -332,10 +347,8 @@ class LabelSmoothingLoss(nn.Module):
 
     def __init__(self, smoothing: float = 0.1, convention: str = 'timm'):
         super().__init__()
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f'smoothing must be in [0, 1), got {smoothing}')
-        self.smoothing = float(smoothing)
-        self.convention = _check_choice('convention', convention, SMOOTHING_CONVENTIONS)
+        self.smoothing = check_smoothing('smoothing', smoothing)
+        self.convention = check_choice('convention', convention, SMOOTHING_CONVENTIONS)
 
     def extra_repr(self) -> str:
         return f'smoothing={self.smoothing}, convention={self.convention}'
@@ -388,25 +401,3 @@ def effective_smoothing(
     p_other = loss.softened_teacher(num_classes).p_other
     scale = (1.0 - alpha) + alpha * multiplier / num_classes
     return SmoothingEquivalence(smoothing=alpha * multiplier * p_other / scale, scale=scale)
-
-
-def create_tfkd_loss(
-        mode: str,
-        alpha: float = 0.1,
-        temperature: float = 20.0,
-        correct_prob: float = 0.99,
-        formula: str = 'paper',
-        multiplier: float = 1.0,
-        smoothing: float = 0.1,
-        smoothing_convention: str = 'timm',
-) -> Optional[nn.Module]:
-    """Build the criterion for a Tf-KD mode ('lsr', 'reg', 'self' or 'kd'); None for 'none'."""
-    if mode == 'none':
-        return None
-    if mode == 'lsr':
-        return LabelSmoothingLoss(smoothing, smoothing_convention)
-    if mode == 'reg':
-        return VirtualTeacherLoss(alpha, temperature, correct_prob, formula, multiplier)
-    if mode in ('self', 'kd'):
-        return SelfDistillLoss(alpha, temperature, formula, multiplier)
-    raise ValueError(f"mode must be one of none, lsr, reg, self, kd, got '{mode}'")

@@ -1,19 +1,44 @@
-"""timm training tasks for Tf-KD, and the factory that builds one from parsed arguments."""
-import argparse
+"""timm training tasks for Tf-KD, and the hooks a task implements when its method keeps state across steps.
+
+The tasks are thin subclasses of timm's: model, DDP, compile, EMA and checkpoint handling stay timm's. Methods whose
+loss needs more than ``(input, target)`` implement the protocols below; the trainer calls a hook only on a task
+that has it, so timm's own tasks run unchanged. State that must survive a resume (a per-sample prediction table,
+a class-by-class matrix) goes through timm's own ``TrainingTask.get_task_state`` / ``load_task_state``, which
+timm's ``CheckpointSaver`` writes into every checkpoint and ``resume_task_checkpoint`` restores.
+"""
 import logging
-from typing import Any, Dict, Optional
+from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
-from timm.data import resolve_data_config
 from timm.task import ClassificationTask, TrainingTask
 from timm.utils import unwrap_model
 
-from .args import teacher_model_name, tfkd_args_summary
-from .losses import SelfDistillLoss, VirtualTeacherLoss, create_tfkd_loss
-from .teacher import SelfTeacher, TeacherError, channel_stats, create_self_teacher
+from .losses import SelfDistillLoss, VirtualTeacherLoss
+from .teacher import SelfTeacher
 
 _logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class EpochHooks(Protocol):
+    """A task that acts at epoch boundaries, e.g. a ramp of alpha, or a matrix accumulated during an epoch and
+    swapped in at its end. Under DDP both hooks run on every rank (reduce across ranks in ``on_epoch_end``)."""
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Called before the first training batch of ``epoch`` (0-based) of ``num_epochs``."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called after the last training batch of ``epoch``, before validation and the checkpoint."""
+
+
+@runtime_checkable
+class SampleIndexed(Protocol):
+    """A task whose loss needs the training-set index of each sample of the batch, e.g. to read and update a
+    per-sample table of predictions. The trainer records the indices its sampler draws and hands them over."""
+
+    def set_sample_index(self, index: torch.Tensor) -> None:
+        """Called with the dataset indices (B,) of the next training batch, right before ``task(input, target)``."""
 
 
 def _result(output: torch.Tensor, terms) -> Dict[str, torch.Tensor]:
@@ -109,96 +134,3 @@ class TfKDSelfTask(TrainingTask):
         output = self.trainable_module(input)
         teacher_logits = self.teacher(input)
         return _result(output, self.criterion.terms(output, teacher_logits, target))
-
-
-def _student_stats(args: argparse.Namespace, model: nn.Module, data_config: Optional[Dict[str, Any]]):
-    config = data_config or resolve_data_config(vars(args), model=model)
-    channels = unwrap_model(model).in_chans
-    return channel_stats(config['mean'], channels, 'mean'), channel_stats(config['std'], channels, 'std'), config
-
-
-def create_teacher_from_args(
-        args: argparse.Namespace,
-        model: nn.Module,
-        data_config: Optional[Dict[str, Any]] = None,
-        device: Optional[torch.device] = None,
-) -> SelfTeacher:
-    """Build the frozen teacher the ``--tfkd-teacher-*`` flags describe, with its speed-ups applied."""
-    if not args.tfkd_teacher_checkpoint:
-        raise TeacherError(f'--tfkd-mode {args.tfkd_mode} needs --tfkd-teacher-checkpoint (the trained teacher '
-                           f'weights) or a ready teacher')
-    student = unwrap_model(model)
-    mean, std, config = _student_stats(args, model, data_config)
-    teacher = create_self_teacher(
-        args.tfkd_teacher_checkpoint,
-        teacher_model_name(args),
-        num_classes=student.num_classes,
-        in_chans=student.in_chans,
-        student_mean=mean,
-        student_std=std,
-        device=device,
-    )
-    if args.tfkd_teacher_channels_last or args.tfkd_teacher_fuse_bn or args.tfkd_teacher_dtype != 'float32' \
-            or args.tfkd_teacher_compile:
-        example = torch.randn(2, *config['input_size'], generator=torch.Generator().manual_seed(0)).to(device)
-        teacher.speed_up(
-            example,
-            channels_last=args.tfkd_teacher_channels_last,
-            fuse_bn=args.tfkd_teacher_fuse_bn,
-            dtype=args.tfkd_teacher_dtype,
-            compile=args.tfkd_teacher_compile,
-        )
-    return teacher
-
-
-def create_tfkd_task(
-        args: argparse.Namespace,
-        model: nn.Module,
-        criterion: Optional[nn.Module] = None,
-        smoothing: Optional[float] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-        teacher: Optional[SelfTeacher] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        verbose: bool = True,
-) -> TrainingTask:
-    """Build the training task for ``args.tfkd_mode`` from arguments registered by :func:`add_tfkd_args`.
-
-    Args:
-        args: Parsed arguments (timm's ``train.py`` flags plus the Tf-KD group).
-        model: The student.
-        criterion: For mode 'none': the criterion timm's ``train.py`` built (``train_loss_fn``).
-        smoothing: Label smoothing epsilon for mode 'lsr' (default ``args.smoothing``).
-        data_config: The student's resolved data config (default: resolved from ``args`` and ``model``).
-        teacher: A ready teacher for modes 'self' / 'kd' (default: built from the ``--tfkd-teacher-*`` flags).
-        device: Device for the task and teacher.
-        dtype: Dtype for task tensors.
-        verbose: Log the set-up.
-
-    Returns:
-        ClassificationTask for 'none' / 'lsr', :class:`TfKDRegTask` for 'reg', :class:`TfKDSelfTask` for
-        'self' / 'kd'.
-    """
-    mode = args.tfkd_mode
-    if verbose:
-        _logger.info(tfkd_args_summary(args))
-    if mode == 'none':
-        return ClassificationTask(model, criterion, device=device, dtype=dtype, verbose=verbose)
-    loss = create_tfkd_loss(
-        mode,
-        alpha=args.tfkd_alpha,
-        temperature=args.tfkd_temperature,
-        correct_prob=args.tfkd_correct_prob,
-        formula=args.tfkd_formula,
-        multiplier=args.tfkd_multiplier,
-        smoothing=args.smoothing if smoothing is None else smoothing,
-        smoothing_convention=args.tfkd_smoothing_convention,
-    )
-    if mode == 'lsr':
-        return ClassificationTask(model, loss, device=device, dtype=dtype, verbose=verbose)
-    if mode == 'reg':
-        loss.softened_teacher(unwrap_model(model).num_classes)  # checks correct_prob > 1/K before training starts
-        return TfKDRegTask(model, loss, device=device, dtype=dtype, verbose=verbose)
-    if teacher is None:
-        teacher = create_teacher_from_args(args, model, data_config, device=device)
-    return TfKDSelfTask(model, teacher, loss, device=device, dtype=dtype, verbose=verbose)

@@ -10,39 +10,20 @@ from timm.data import resolve_data_config
 from timm.layers import BatchNormAct2d
 from timm.models import create_model
 
-from .checkpoint_io import (
-    CheckpointError, extract_state_dict, read_checkpoint, resolve_run_dir_checkpoint, sha256_file,
-)
+from .checkpoint_io import extract_state_dict, read_checkpoint, sha256_file
+from .data_config import channel_stats
+from .dtypes import DTYPES
+from .errors import CheckpointError, RunFolderError, TeacherError
+from .run_folder import RunFolder
 
 _logger = logging.getLogger(__name__)
 
-TEACHER_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 HUB_PREFIXES = ('hf-hub:', 'local-dir:')
 # Speed-ups in fp32 must not move the logits more than this (relative to their largest magnitude). Where CUDA runs
 # fp32 convolutions / matmuls in TF32 (PyTorch's cuDNN default), a different kernel choice alone moves logits by
 # ~1e-4, so the check uses the TF32 bound there.
 FP32_RTOL = 1e-5
 TF32_RTOL = 2e-3
-
-
-class TeacherError(ValueError):
-    """The teacher cannot be built or does not fit the student."""
-
-
-def channel_stats(values: Sequence[float], channels: int, name: str) -> Tuple[float, ...]:
-    """Fit per-channel normalization values to ``channels``: repeat one value, or average RGB for 1 channel.
-
-    timm resolves ImageNet's 3-value mean / std even for ``in_chans=1`` models; averaging them is what a
-    grayscale image normalized the RGB way sees on average.
-    """
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if channels == 1:
-        return (sum(values) / len(values),)
-    raise TeacherError(f'{name} has {len(values)} values but the model has {channels} input channels')
 
 
 def _state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -216,7 +197,7 @@ class SelfTeacher(nn.Module):
             self.model.to(memory_format=torch.channels_last)
             self.channels_last = True
         if dtype != 'float32':
-            self.compute_dtype = TEACHER_DTYPES[dtype]
+            self.compute_dtype = DTYPES[dtype]
             self.model.to(self.compute_dtype)
         if compile:
             self._forward_model = torch.compile(self.model)
@@ -247,7 +228,7 @@ class SelfTeacher(nn.Module):
 
 def _read_teacher_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Weights and what the checkpoint knows of its training run (``args`` of a timm training checkpoint)."""
-    file_path = resolve_run_dir_checkpoint(path) if os.path.isdir(path) else path
+    file_path = str(RunFolder(path).best_checkpoint()) if os.path.isdir(path) else path
     checkpoint = read_checkpoint(file_path)
     state_dict = extract_state_dict(checkpoint)
     run_args = checkpoint.get('args')
@@ -321,7 +302,7 @@ def create_self_teacher(
             raise TeacherError(f"teacher checkpoint '{source}' does not exist")
         try:
             state_dict, info = _read_teacher_state_dict(source)
-        except CheckpointError as e:
+        except (CheckpointError, RunFolderError) as e:
             raise TeacherError(str(e)) from None
         run_args, identity = info['args'], info['identity']
         model_name = model_name or run_args.get('model')

@@ -1,7 +1,6 @@
 """Model, criterion, task, optimizer and precision: everything built from the arguments before training starts."""
 import argparse
 import logging
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -9,7 +8,6 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.data import resolve_data_config
 from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.loss import create_classification_loss
 from timm.models import create_model
@@ -18,13 +16,13 @@ from timm.task import TrainingTask
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 from timm.utils import NativeScaler
 
-from ..tasks import create_tfkd_task
-from .args import UsageError
-from .data import resolve_channel_stats
+from ..dtypes import DTYPES
+from ..errors import UsageError
+from ..factory import create_tfkd_task
+from ..methods import get_method
+from ..run_folder import architecture_kwargs
 
 _logger = logging.getLogger(__name__)
-
-MODEL_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 @dataclass
@@ -37,16 +35,16 @@ class Precision:
 
 def create_precision(args: argparse.Namespace, device: torch.device) -> Precision:
     """AMP as timm does it: float16 with a grad scaler on CUDA, bfloat16 without one."""
-    model_dtype = MODEL_DTYPES[args.model_dtype] if args.model_dtype else None
-    if args.model_dtype and args.model_dtype not in MODEL_DTYPES:
-        raise UsageError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got '{args.model_dtype}'")
+    if args.model_dtype and args.model_dtype not in DTYPES:
+        raise UsageError(f"--model-dtype must be one of {', '.join(DTYPES)}, got '{args.model_dtype}'")
+    model_dtype = DTYPES[args.model_dtype] if args.model_dtype else None
     if not args.amp:
         return Precision(model_dtype, nullcontext, None)
     if args.amp_dtype not in ('float16', 'bfloat16'):
         raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
     if model_dtype not in (None, torch.float32):
         raise UsageError('--amp needs a float32 model (--model-dtype float32 or unset)')
-    amp_dtype = MODEL_DTYPES[args.amp_dtype]
+    amp_dtype = DTYPES[args.amp_dtype]
     scaler = NativeScaler(device=device.type) if device.type == 'cuda' and amp_dtype == torch.float16 else None
     return Precision(model_dtype, partial(torch.autocast, device_type=device.type, dtype=amp_dtype), scaler)
 
@@ -63,17 +61,9 @@ def create_student(args: argparse.Namespace) -> nn.Module:
         model = create_model(
             args.model,
             pretrained=args.pretrained,
-            in_chans=in_chans,
-            num_classes=args.num_classes,
-            drop_rate=args.drop,
-            drop_path_rate=args.drop_path,
-            drop_block_rate=args.drop_block,
-            global_pool=args.gp,
-            bn_momentum=args.bn_momentum,
-            bn_eps=args.bn_eps,
             checkpoint_path=args.initial_checkpoint,
             **({'pretrained_cfg_overlay': overlay} if overlay else {}),
-            **args.model_kwargs,
+            **architecture_kwargs(vars(args), args.num_classes, in_chans),
         )
     except RuntimeError as e:
         if 'Unknown model' in str(e):
@@ -90,11 +80,6 @@ def create_student(args: argparse.Namespace) -> nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     return model
-
-
-def resolve_student_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool) -> Dict[str, Any]:
-    """timm's data config, with mean / std fitted to the input channels."""
-    return resolve_channel_stats(resolve_data_config(vars(args), model=model, verbose=verbose))
 
 
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,
@@ -148,25 +133,17 @@ def create_task(
         model_dtype: Optional[torch.dtype],
         verbose: bool,
 ) -> TrainingTask:
-    """The Tf-KD task for ``--tfkd-mode``, or timm's own task (classification or ``--kd-*`` distillation)."""
-    if args.tfkd_mode == 'none':
+    """The task of ``--tfkd-mode`` (for plain timm training: timm's classification or ``--kd-*`` distillation)."""
+    criterion = None
+    if get_method(args.tfkd_mode).uses_timm_criterion:
         criterion = create_timm_criterion(args, smoothing, mixup_active).to(device)
         if args.kd_model_name is not None:
             try:
                 return _timm_distillation_task(args, model, criterion, device, model_dtype, verbose)
             except RuntimeError as e:
                 raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': {e}") from None
-        return create_tfkd_task(args, model, criterion, device=device, dtype=model_dtype, verbose=verbose)
-    if args.tfkd_mode != 'lsr' and smoothing > 0 and not mixup_active:
-        raise UsageError(f'--smoothing {smoothing:g} with --tfkd-mode {args.tfkd_mode} is only supported with '
-                         f'--mixup / --cutmix (folded into their targets); drop --smoothing or use --tfkd-mode lsr')
-    try:
-        return create_tfkd_task(args, model, smoothing=smoothing, data_config=data_config, device=device,
-                                dtype=model_dtype, verbose=verbose)
-    except ValueError as e:  # out-of-range loss settings and teacher problems, already one line each
-        message = re.sub(r'^(alpha|temperature|correct_prob|multiplier) ',
-                         lambda m: f"--tfkd-{m.group(1).replace('_', '-')} ", str(e))
-        raise UsageError(message) from None
+    return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config, device=device,
+                            dtype=model_dtype, verbose=verbose)
 
 
 def resolve_lr(args: argparse.Namespace, batches_per_step: float) -> None:

@@ -1,8 +1,5 @@
 """Checkpoints in timm's layout, with the random state that makes a resumed run match an uninterrupted one."""
 import argparse
-import csv
-import glob
-import json
 import logging
 import os
 import random
@@ -14,7 +11,7 @@ from timm.task import TrainingTask
 from timm.utils import CheckpointSaver, unwrap_model
 
 from ..checkpoint_io import read_checkpoint
-from .args import UsageError
+from ..errors import UsageError
 
 _logger = logging.getLogger(__name__)
 
@@ -89,17 +86,6 @@ def create_saver(
     )
 
 
-def find_resume_checkpoint(output_dir: Optional[str]) -> Optional[str]:
-    """The newest of ``last.pth.tar`` and ``recovery-*.pth.tar`` in a run folder, for ``--resume auto``."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return None
-    candidates = glob.glob(os.path.join(output_dir, 'recovery-*.pth.tar'))
-    last = os.path.join(output_dir, 'last.pth.tar')
-    if os.path.isfile(last):
-        candidates.append(last)
-    return max(candidates, key=os.path.getmtime) if candidates else None
-
-
 def check_resume_path(path: str) -> None:
     """Refuse a ``--resume`` file that is missing or not a readable training checkpoint, before any output."""
     if not os.path.isfile(path):
@@ -112,32 +98,3 @@ def check_resume_path(path: str) -> None:
 def load_rng_state(path: str) -> Optional[Dict[str, Any]]:
     """The random state saved with a checkpoint, if any."""
     return read_checkpoint(path).get(RNG_STATE_KEY)
-
-
-def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp_path = f'{path}.tmp'
-    with open(tmp_path, 'w') as f:
-        json.dump(data, f, indent=2)
-        f.write('\n')
-    os.replace(tmp_path, path)
-
-
-def drop_summary_rows_from(path: str, start_epoch: int) -> None:
-    """Keep only the ``summary.csv`` rows of epochs before ``start_epoch`` (rewritten atomically).
-
-    A run killed after writing an epoch's row but before saving that epoch's checkpoint trains the epoch again when
-    resumed; without this the file would list it twice (or keep a half-written row).
-    """
-    if not os.path.isfile(path):
-        return
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) < start_epoch]
-    if len(kept) == len(rows):
-        return
-    tmp_path = f'{path}.tmp'
-    with open(tmp_path, 'w', newline='') as f:
-        csv.writer(f).writerows(kept)
-    os.replace(tmp_path, path)
-    _logger.info(f'{path}: dropped {len(rows) - len(kept)} row(s) of epochs trained again from epoch {start_epoch}')

@@ -2,14 +2,14 @@
 import argparse
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 
-from ..teacher import channel_stats
-from .args import UsageError
+from ..errors import UsageError
 
 _logger = logging.getLogger(__name__)
 
@@ -27,15 +27,6 @@ class TrainData:
     num_train_samples: int
 
 
-def resolve_channel_stats(data_config: Dict[str, Any]) -> Dict[str, Any]:
-    """Fit mean / std to the input channels (timm resolves 3 ImageNet values even for 1-channel models)."""
-    channels = data_config['input_size'][0]
-    fitted = dict(data_config)
-    fitted['mean'] = channel_stats(data_config['mean'], channels, 'mean')
-    fitted['std'] = channel_stats(data_config['std'], channels, 'std')
-    return fitted
-
-
 def _is_folder_dataset(name: str) -> bool:
     return name in ('', 'folder', 'imagefolder') or name.startswith(('folder/', 'imagefolder/'))
 
@@ -48,7 +39,7 @@ def _check_folder_split(data_dir: str, split: str) -> None:
             f"no '{split}' split folder in --data-dir '{data_dir}' (found: {', '.join(present) or 'none'})")
 
 
-def _class_names(dataset: Any) -> List[str]:
+def class_names(dataset: Any) -> List[str]:
     classes = getattr(dataset, 'classes', None)
     if classes:
         return [str(c) for c in classes]
@@ -58,7 +49,8 @@ def _class_names(dataset: Any) -> List[str]:
     return []
 
 
-def _create_dataset(args: argparse.Namespace, split: str, is_training: bool, input_img_mode: str):
+def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool, input_img_mode: str):
+    """timm's dataset of one split, with the data folder and split checked first (one line on error)."""
     if not args.dataset_download and not (args.dataset and args.dataset.startswith(('hfds/', 'hfids/', 'wds/'))):
         if not args.data_dir or not os.path.isdir(args.data_dir):
             raise UsageError(f"--data-dir '{args.data_dir}' is not a folder")
@@ -128,8 +120,8 @@ def create_train_data(
         UsageError: A missing or empty data folder or split.
     """
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
-    dataset_train = _create_dataset(args, args.train_split, True, input_img_mode)
-    dataset_eval = _create_dataset(args, args.val_split, False, input_img_mode) if args.val_split else None
+    dataset_train = create_split_dataset(args, args.train_split, True, input_img_mode)
+    dataset_eval = create_split_dataset(args, args.val_split, False, input_img_mode) if args.val_split else None
 
     mixup_args = mixup_settings(args, mixup_smoothing)
     collate_fn = mixup_fn = None
@@ -182,14 +174,81 @@ def create_train_data(
     )
     loader_eval = None
     if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval,
-            input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size,
-            is_training=False,
-            interpolation=data_config['interpolation'],
-            num_workers=args.workers,
-            crop_pct=data_config['crop_pct'],
-            **common,
-        )
-    return TrainData(loader_train, loader_eval, mixup_fn, _class_names(dataset_train), len(dataset_train))
+        loader_eval = create_eval_loader(
+            dataset_eval, data_config, args.validation_batch_size or args.batch_size, args.workers, device,
+            model_dtype, args.prefetcher, distributed=args.distributed, pin_memory=args.pin_mem)
+    return TrainData(loader_train, loader_eval, mixup_fn, class_names(dataset_train), len(dataset_train))
+
+
+def create_eval_loader(
+        dataset: Any,
+        data_config: Dict[str, Any],
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        model_dtype: Optional[torch.dtype],
+        prefetcher: bool,
+        distributed: bool = False,
+        pin_memory: bool = False,
+):
+    """The validation loader of the trainer, also used by ``timm-tfkd evaluate`` so that both measure the same
+    (``data_config`` may come from ``run_info.json``, with lists for tuples)."""
+    return create_loader(
+        dataset,
+        input_size=tuple(data_config['input_size']),
+        batch_size=batch_size,
+        is_training=False,
+        interpolation=data_config['interpolation'],
+        mean=tuple(data_config['mean']),
+        std=tuple(data_config['std']),
+        num_workers=workers,
+        crop_pct=data_config['crop_pct'],
+        pin_memory=pin_memory,
+        img_dtype=model_dtype or torch.float32,
+        device=device,
+        distributed=distributed,
+        use_prefetcher=prefetcher,
+    )
+
+
+class SampleIndexRecorder:
+    """Records the dataset indices a training loader's sampler draws, so each batch's indices can be taken back.
+
+    It replaces the sampler inside the loader's batch sampler and passes every index through, in order. The loader
+    delivers batches in the order their indices were drawn, so the first ``n`` recorded indices are those of the
+    next batch of ``n`` samples; a new pass over the sampler (an epoch) starts a new record, which also drops the
+    indices of a last partial batch the loader discarded.
+
+    Args:
+        loader: A training loader from timm's ``create_loader`` (with or without the prefetcher).
+
+    Raises:
+        UsageError: The loader has no batch sampler to record from, or repeats epochs without restarting its sampler
+            (``--use-multi-epochs-loader``).
+    """
+
+    def __init__(self, loader: Any):
+        data_loader = getattr(loader, 'loader', loader)  # timm's PrefetchLoader wraps the DataLoader
+        batch_sampler = getattr(data_loader, 'batch_sampler', None)
+        if batch_sampler is None or not hasattr(batch_sampler, 'sampler') or \
+                type(batch_sampler).__name__ == '_RepeatSampler':
+            raise UsageError('this --tfkd-mode needs the dataset index of every sample, which this loader cannot '
+                             'give (drop --use-multi-epochs-loader)')
+        self._sampler = batch_sampler.sampler
+        self._drawn: deque = deque()
+        batch_sampler.sampler = self
+
+    def __iter__(self) -> Iterator[int]:
+        self._drawn.clear()
+        for index in self._sampler:
+            self._drawn.append(index)
+            yield index
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+    def take(self, count: int) -> torch.Tensor:
+        """The indices (int64, CPU) of the next ``count`` samples the loader delivers."""
+        if count > len(self._drawn):
+            raise RuntimeError(f'{count} sample indices asked for, {len(self._drawn)} recorded')
+        return torch.tensor([self._drawn.popleft() for _ in range(count)], dtype=torch.int64)

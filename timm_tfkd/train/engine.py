@@ -13,13 +13,12 @@ import torch.distributed as dist
 from timm.task import TrainingTask
 from timm.utils import dispatch_clip_grad
 
+from ..errors import NonFiniteLossError
+from ..tasks import EpochHooks
+from .data import SampleIndexRecorder
 from .metrics import ClassificationMetrics
 
 _logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -36,6 +35,8 @@ class LoopContext:
     model_dtype: Optional[torch.dtype] = None
     is_primary: bool = True
     save_recovery: Optional[Callable[[int, int], None]] = None
+    num_epochs: int = 0
+    sample_index: Optional[SampleIndexRecorder] = None
 
 
 class Progress:
@@ -94,6 +95,9 @@ def _backward_and_step(ctx: LoopContext, loss: torch.Tensor, need_update: bool) 
 def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
     """Train one epoch with gradient accumulation, AMP, EMA updates and the LR schedule stepped per update.
 
+    A task with :class:`~timm_tfkd.tasks.EpochHooks` is told when the epoch starts and ends; one that is
+    :class:`~timm_tfkd.tasks.SampleIndexed` gets each batch's dataset indices before its forward.
+
     Returns:
         Mean ``loss``, ``task_loss`` and ``kd_loss`` over the epoch (averaged across ranks).
 
@@ -107,6 +111,8 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
         elif ctx.mixup_fn is not None:
             ctx.mixup_fn.mixup_enabled = False
     task.train()
+    if isinstance(task, EpochHooks):
+        task.on_epoch_start(epoch, ctx.num_epochs)
     accum_steps = args.grad_accum_steps
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
@@ -123,6 +129,8 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
     for batch_idx, (input, target) in enumerate(loader):
         steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
         need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
+        if ctx.sample_index is not None:
+            task.set_sample_index(ctx.sample_index.take(input.shape[0]))
         input, target = _prepare_batch(ctx, input, target)
         with task.no_sync() if has_no_sync and not need_update else nullcontext():
             with ctx.amp_autocast():
@@ -157,6 +165,8 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
                             f'{samples * args.world_size / elapsed:>7.1f} img/s  LR: {lr:.3e}')
     if hasattr(ctx.optimizer, 'sync_lookahead'):
         ctx.optimizer.sync_lookahead()
+    if isinstance(task, EpochHooks):
+        task.on_epoch_end(epoch)
     sums = torch.cat([torch.tensor([loss_sum], dtype=torch.float64, device=ctx.device), part_sums])
     means = _reduce_mean(sums / max(samples, 1), args.world_size).tolist()
     return {'loss': means[0], 'task_loss': means[1], 'kd_loss': means[2]}

@@ -1,18 +1,16 @@
-"""Command line of ``train_tfkd.py``: every flag of timm's ``train.py``, YAML configs, and Tf-KD usage checks.
+"""The mirror of timm's ``train.py`` command line: every flag with timm's option strings, destinations, defaults,
+types and groups (so any timm training command or ``args.yaml`` works unchanged), then the Tf-KD and Hub groups.
 
-The parser mirrors timm 1.0.31's ``train.py`` (same option strings, destinations, defaults, types and groups) so
-any timm training command or ``args.yaml`` works unchanged, then adds the "Tf-KD parameters" group.
+Declarations only: reading ``-c`` YAML files and parsing live in :mod:`.config`, the checks in :mod:`.policy`.
 """
 import argparse
 import ast
-import difflib
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
+from typing import Optional, Sequence
 
-import yaml
 from timm.loss import LOSS_TYPES
 
 from ..args import add_tfkd_args
-from ..hub import add_hub_args
+from .publish import add_hub_args
 
 # Flags that timm 1.0.31 added after the train.py snapshot in tests/data/timm_train_args.json.
 TIMM_1_0_31_FLAGS = (
@@ -32,29 +30,6 @@ TIMM_1_0_31_FLAGS = (
     '--multilabel-threshold',
     '--pretrained-cfg-overlay',
 )
-
-# timm flags the trainer accepts (so timm commands parse) but refuses when set away from their default.
-UNSUPPORTED_FLAGS = {
-    'naflex_loader': 'NaFlex variable-resolution loader',
-    'train_img_sizes': 'variable-resolution training',
-    'train_batch_sizes': 'variable-resolution training',
-    'train_size_probs': 'variable-resolution training',
-    'aug_splits': 'AugMix splits',
-    'split_bn': 'AugMix splits',
-    'jsd_loss': 'AugMix splits',
-    'log_wandb': 'Weights & Biases logging',
-    'torchscript': 'TorchScript',
-    'fuser': 'TorchScript',
-    'tta': 'test-time augmentation in validation',
-    'save_images': 'saving input images',
-    'class_stats': 'class statistics for loss weighting',
-    'loss_weight_power': 'class statistics for loss weighting',
-    'task': 'multi-label training',
-    'target_format': 'multi-label training',
-}
-
-class UsageError(ValueError):
-    """A flag combination the trainer refuses; the message is one line meant for the user."""
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -89,10 +64,10 @@ class ParseKwargs(argparse.Action):
 
 
 def create_parser() -> argparse.ArgumentParser:
-    """Build the trainer's parser: timm 1.0.31's ``train.py`` flags followed by the Tf-KD group.
+    """Build the trainer's parser: timm 1.0.31's ``train.py`` flags followed by the Tf-KD and Hub groups.
 
     Returns:
-        A parser without ``-c/--config``; :func:`parse_args` handles the config file first.
+        A parser without ``-c/--config``; :func:`~timm_tfkd.train.config.parse_args` reads the config file first.
     """
     parser = _OneLineErrorParser(
         description='Train a timm model with Teacher-free Knowledge Distillation. Accepts every flag of timm\'s '
@@ -722,241 +697,3 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         '--naflex-patchify-channels-first', action='store_true', default=False,
         help='Patchify NaFlex inputs in channels-first order.')
-
-
-def _create_config_parser() -> argparse.ArgumentParser:
-    """The small parser that only picks ``-c/--config`` out of the command line."""
-    # No abbreviations: '--co' or '--con' must stay errors of the main parser, not become --config.
-    parser = _OneLineErrorParser(add_help=False, allow_abbrev=False)
-    parser.add_argument('-c', '--config', default='', type=str, metavar='FILE')
-    return parser
-
-
-def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
-    """Actions by destination, leaving out those that store nothing (``--help``)."""
-    return {action.dest: action for action in parser._actions if action.default is not argparse.SUPPRESS}
-
-
-_KIND_NAMES = {int: 'integer', float: 'number'}
-
-
-def _kind(action: argparse.Action) -> str:
-    """What one value of the flag is, in words."""
-    return _KIND_NAMES.get(action.type, 'string')
-
-
-def _config_scalar(action: argparse.Action, value: Any) -> Any:
-    """Check one YAML value against what the flag would store; raise ``ValueError(expected)`` if it does not fit."""
-    kind = _kind(action)
-    expected = f"{'an' if kind == 'integer' else 'a'} {kind}"
-    if action.type is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(expected)
-    elif action.type is float:
-        # YAML 1.1 reads `1e-3` (no dot) as a string; argparse would convert it, so accept it too.
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(expected)
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(expected) from None
-    elif not isinstance(value, str):
-        raise ValueError(expected)
-    if action.choices is not None and value not in action.choices:
-        raise ValueError('one of ' + ', '.join(str(choice) for choice in action.choices))
-    return value
-
-
-def _config_value(action: argparse.Action, value: Any) -> Any:
-    """Check a YAML value for a flag and return it as the command line would have stored it.
-
-    Raises:
-        ValueError: The value does not fit; the message says what was expected.
-    """
-    if value is None and action.default is None:
-        return None
-    if isinstance(action, ParseKwargs):
-        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-            return value
-        raise ValueError('a mapping of keyword arguments')
-    if isinstance(action, argparse._StoreTrueAction):
-        if isinstance(value, bool):
-            return value
-        raise ValueError('true or false')
-    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-        size = f'{action.nargs} ' if isinstance(action.nargs, int) else ''
-        expected = f'a list of {size}{_kind(action)}s'
-        if not isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs):
-            raise ValueError(expected)
-        # '+' needs a value on the command line, so an empty list only matches a flag whose default is empty.
-        if action.nargs == '+' and not value and action.default != []:
-            raise ValueError(f'a non-empty list of {_kind(action)}s')
-        try:
-            return [_config_scalar(action, item) for item in value]
-        except ValueError:
-            raise ValueError(expected) from None
-    return _config_scalar(action, value)
-
-
-def _load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """Read a YAML config and check it against the parser; any problem exits through ``parser.error``.
-
-    Args:
-        parser: The trainer's parser, which provides the valid keys, types and choices.
-        path: The file given with ``-c/--config``.
-
-    Returns:
-        Destination to value, in the form the command line would have produced.
-    """
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except OSError as exc:
-        parser.error(f'cannot read config file {path}: {exc.strerror}')
-    except yaml.YAMLError as exc:
-        parser.error(f'config file {path} is not valid YAML: ' + ' '.join(str(exc).split()))
-    if not isinstance(config, dict):
-        found = 'an empty file' if config is None else type(config).__name__
-        parser.error(f'config file {path} must be a YAML mapping of option names to values, got {found}')
-    actions = _actions_by_dest(parser)
-    values = {}
-    for key, value in config.items():
-        if key not in actions:
-            close = difflib.get_close_matches(str(key).replace('-', '_'), actions, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            parser.error(f'config file {path}: unknown key {key!r} (keys are option destinations){hint}')
-        try:
-            values[key] = _config_value(actions[key], value)
-        except ValueError as exc:
-            parser.error(f'config file {path}: key {key!r} expects {exc}, got {value!r}')
-    return values
-
-
-def args_to_yaml(args: argparse.Namespace) -> str:
-    """The resolved settings as YAML, readable back with ``-c``."""
-    return yaml.safe_dump(vars(args), default_flow_style=False)
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse the trainer's command line the way timm does: config file defaults first, then flags.
-
-    Args:
-        argv: Arguments without the program name (default: ``sys.argv[1:]``).
-
-    Returns:
-        The namespace (only option destinations, nothing else) and its YAML dump for ``args.yaml``.
-    """
-    config_args, remaining = _create_config_parser().parse_known_args(argv)
-    parser = create_parser()
-    if config_args.config:
-        parser.set_defaults(**_load_config(parser, config_args.config))
-    args = parser.parse_args(remaining)
-    return args, args_to_yaml(args)
-
-
-def write_args_yaml(args: argparse.Namespace, path: str) -> None:
-    """Write the resolved settings to ``path`` (usually ``<run folder>/args.yaml``)."""
-    with open(path, 'w') as f:
-        f.write(args_to_yaml(args))
-
-
-# Default of every destination while finding what the command line set.
-_UNSET = object()
-
-
-def explicitly_set(argv: Optional[Sequence[str]] = None) -> Set[str]:
-    """Find the destinations the user chose, as opposed to those left at timm's defaults.
-
-    A flag on the command line counts even when its value equals the default. A config file key counts only
-    when its value differs from the default: an ``args.yaml`` written by a run lists every destination, and
-    replaying it must not turn defaults into choices (e.g. stack timm's default label smoothing on Tf-KD).
-
-    Args:
-        argv: The same arguments given to :func:`parse_args` (default: ``sys.argv[1:]``).
-
-    Returns:
-        Destination names, e.g. ``{'smoothing', 'tfkd_mode'}``.
-    """
-    config_args, remaining = _create_config_parser().parse_known_args(argv)
-    parser = create_parser()
-    defaults = {dest: action.default for dest, action in _actions_by_dest(parser).items()}
-    explicit = set()
-    if config_args.config:
-        config = _load_config(parser, config_args.config)
-        explicit.update(dest for dest, value in config.items() if value != defaults[dest])
-    parser.set_defaults(**dict.fromkeys(defaults, _UNSET))
-    command_line = parser.parse_args(remaining)
-    explicit.update(dest for dest, value in vars(command_line).items() if value is not _UNSET)
-    return explicit
-
-
-def resolve_smoothing(args: argparse.Namespace, explicit: Set[str]) -> Tuple[float, str]:
-    """Label smoothing for the cross-entropy part of the loss, and why, for the start-of-run log.
-
-    timm's default smoothing of 0.1 would silently stack a second regularizer on Tf-KD, so modes reg, self and
-    kd drop it unless the user asked for it.
-
-    Args:
-        args: Parsed arguments; left unchanged.
-        explicit: Destinations the user set, from :func:`explicitly_set`.
-
-    Returns:
-        The smoothing to use and a one-line explanation.
-    """
-    mode = args.tfkd_mode
-    smoothing = float(args.smoothing)
-    if mode == 'none':
-        return smoothing, f'label smoothing {smoothing:g} (timm --smoothing, Tf-KD off)'
-    if mode == 'lsr':
-        return smoothing, (f'label smoothing control: epsilon {smoothing:g} from --smoothing, '
-                           f'{args.tfkd_smoothing_convention} convention')
-    if 'smoothing' not in explicit:
-        return 0.0, (f"label smoothing 0 on the cross-entropy part: Tf-KD {mode} already regularizes, so timm's "
-                     f"default --smoothing {smoothing:g} is not applied (give --smoothing to stack it)")
-    if smoothing == 0:
-        return smoothing, f'label smoothing 0 on the cross-entropy part, as set explicitly (Tf-KD {mode})'
-    return smoothing, (f'label smoothing {smoothing:g} on the cross-entropy part, as set explicitly: '
-                       f'stacked on Tf-KD {mode} on purpose')
-
-
-def _option_string(parser: argparse.ArgumentParser, dest: str) -> str:
-    """The long option that stores into ``dest``, for messages."""
-    return next(action.option_strings[-1] for action in parser._actions if action.dest == dest)
-
-
-def check_supported(args: argparse.Namespace) -> None:
-    """Refuse flags the trainer does not implement yet and Tf-KD settings that cannot work.
-
-    Args:
-        args: Parsed arguments.
-
-    Raises:
-        UsageError: The first problem found, as one line.
-    """
-    parser = create_parser()
-    for dest, reason in UNSUPPORTED_FLAGS.items():
-        if getattr(args, dest) != parser.get_default(dest):
-            raise UsageError(f"{_option_string(parser, dest)} is not supported by the Tf-KD trainer yet ({reason}); "
-                             f"remove it or use timm's train.py")
-    mode = args.tfkd_mode
-    if mode != 'none' and args.kd_model_name is not None:
-        raise UsageError(f"--kd-model-name (timm's distillation) and --tfkd-mode {mode} are two different "
-                         f"distillation methods; use one of them")
-    if mode != 'none' and (args.bce_loss or args.loss not in (None, 'ce')):
-        loss = '--bce-loss' if args.bce_loss else f'--loss {args.loss}'
-        raise UsageError(f'{loss} cannot be combined with --tfkd-mode {mode}: Tf-KD losses are built on softmax '
-                         f'cross-entropy')
-    if mode in ('self', 'kd') and not args.tfkd_teacher_checkpoint:
-        raise UsageError(f'--tfkd-mode {mode} needs --tfkd-teacher-checkpoint (the trained teacher weights)')
-    # Written as `not (inside range)` so NaN is refused too.
-    if not 0.0 <= args.tfkd_alpha <= 1.0:
-        raise UsageError(f'--tfkd-alpha must be in [0, 1], got {args.tfkd_alpha:g}')
-    if not args.tfkd_temperature > 0.0:
-        raise UsageError(f'--tfkd-temperature must be > 0, got {args.tfkd_temperature:g}')
-    if not args.tfkd_multiplier > 0.0:
-        raise UsageError(f'--tfkd-multiplier must be > 0, got {args.tfkd_multiplier:g}')
-    # The 1/K lower bound needs the class count, which is only known once the model exists.
-    if not 0.0 < args.tfkd_correct_prob <= 1.0:
-        raise UsageError(f'--tfkd-correct-prob must be in (0, 1], got {args.tfkd_correct_prob:g}')
-    if mode == 'lsr' and not 0.0 <= args.smoothing < 1.0:
-        raise UsageError(f'--tfkd-mode lsr needs --smoothing in [0, 1), got {args.smoothing:g}')

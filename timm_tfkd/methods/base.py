@@ -1,0 +1,152 @@
+"""What a teacher-free method declares: its flags, its loss and task, what it records, how it treats smoothing.
+
+A method is one module of :mod:`timm_tfkd.methods` with a :class:`Method` subclass and one registration line in
+the package's ``__init__``. Everything else (the command line, the trainer's checks, the run record, the model
+card) asks the registry, so no other module needs to know a method's name.
+"""
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.task import TrainingTask
+
+from ..teacher import SelfTeacher
+
+# How a method treats timm's --smoothing (default 0.1 in timm):
+SMOOTHING_TIMM = 'timm'  # as timm does: on the criterion, and folded into Mixup / CutMix targets
+SMOOTHING_EPSILON = 'epsilon'  # it is the method's own epsilon (label smoothing itself)
+SMOOTHING_EXPLICIT = 'explicit'  # the method regularizes already: 0 unless given explicitly, then only via Mixup
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One ``--tfkd-*`` flag: its argparse declaration, the check of its value and how records name it.
+
+    A flag shared by several methods is one ``Flag`` object that each of them lists; it is registered once.
+
+    Attributes:
+        option: The option string, e.g. ``--tfkd-alpha``.
+        kwargs: Keyword arguments of ``add_argument`` (type, default, choices, metavar, help, action).
+        check: ``check(option, value)`` raises ``ValueError`` with a one-line message when the value cannot work.
+        key: Name of the setting in ``run_info.json`` (default: the destination without ``tfkd_``); None when the
+            flag is not a setting of the trained model (e.g. a teacher speed-up).
+        public_key: Name in an export's ``tfkd.json`` (default: ``key``).
+        label: Row label in the model card (default: ``key``).
+    """
+    option: str
+    kwargs: Mapping[str, Any]
+    check: Optional[Callable[[str, Any], Any]] = None
+    key: Optional[str] = field(default='')
+    public_key: str = ''
+    label: str = ''
+
+    def __post_init__(self):
+        if self.key == '':
+            object.__setattr__(self, 'key', self.dest[len('tfkd_'):] if self.dest.startswith('tfkd_') else self.dest)
+        if not self.public_key:
+            object.__setattr__(self, 'public_key', self.key or '')
+        if not self.label:
+            object.__setattr__(self, 'label', self.key or self.option)
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination, e.g. ``tfkd_alpha``."""
+        return self.option.lstrip('-').replace('-', '_')
+
+    @property
+    def default(self) -> Any:
+        return self.kwargs.get('default', False if self.kwargs.get('action') == 'store_true' else None)
+
+    def validate(self, value: Any) -> None:
+        """Raise ``ValueError`` (naming the option) when ``value`` cannot work."""
+        if self.check is not None:
+            self.check(self.option, value)
+
+
+class Method:
+    """A teacher-free method. Subclasses set the class attributes and implement :meth:`create_task`.
+
+    Attributes:
+        name: The ``--tfkd-mode`` value.
+        description: One line for ``--help``, the logs and the model card.
+        flags: The ``--tfkd-*`` flags this method reads (shared ones included); the others are ignored with a
+            warning when given.
+        needs_teacher: It learns from a frozen teacher given by ``--tfkd-teacher-checkpoint``.
+        uses_timm_criterion: Plain timm training: the criterion timm's ``train.py`` built (so ``--bce-loss``,
+            ``--loss`` and timm's ``--kd-*`` distillation apply); every other method brings its own loss.
+        smoothing: How timm's ``--smoothing`` is treated: :data:`SMOOTHING_TIMM`, :data:`SMOOTHING_EPSILON` or
+            :data:`SMOOTHING_EXPLICIT`.
+    """
+    name: str = ''
+    description: str = ''
+    flags: Tuple[Flag, ...] = ()
+    needs_teacher: bool = False
+    uses_timm_criterion: bool = False
+    smoothing: str = SMOOTHING_EXPLICIT
+
+    def check(self, args: argparse.Namespace, num_classes: Optional[int] = None) -> None:
+        """Refuse settings that cannot work, before anything is built.
+
+        Args:
+            args: Parsed arguments.
+            num_classes: The student's classes, once known (some bounds depend on them).
+
+        Raises:
+            ValueError: One line naming the flag.
+        """
+        for flag in self.flags:
+            flag.validate(getattr(args, flag.dest))
+
+    def create_loss(self, args: argparse.Namespace, smoothing: float) -> Optional[nn.Module]:
+        """The method's criterion from parsed arguments (None when it uses the criterion timm built).
+
+        Args:
+            args: Parsed arguments with the "Tf-KD parameters" group.
+            smoothing: Label smoothing after the smoothing policy (the epsilon of label smoothing itself).
+        """
+        return None
+
+    def create_task(
+            self,
+            args: argparse.Namespace,
+            model: nn.Module,
+            *,
+            criterion: Optional[nn.Module],
+            smoothing: float,
+            data_config: Optional[Dict[str, Any]],
+            teacher: Optional[SelfTeacher],
+            device: Optional[torch.device],
+            dtype: Optional[torch.dtype],
+            verbose: bool,
+    ) -> TrainingTask:
+        """The timm training task of this method for ``model``.
+
+        Args:
+            args: Parsed arguments with the "Tf-KD parameters" group.
+            model: The student.
+            criterion: The criterion timm's ``train.py`` built (used by methods with ``uses_timm_criterion``).
+            smoothing: Label smoothing of the cross-entropy part, after the smoothing policy.
+            data_config: The student's resolved data config, channels fitted (for the teacher's normalization).
+            teacher: A ready teacher for methods with ``needs_teacher`` (built from the flags when None).
+            device: Device of the task (and teacher).
+            dtype: Dtype of task tensors.
+            verbose: Log the set-up.
+        """
+        raise NotImplementedError
+
+    def record(self, args: argparse.Namespace) -> Dict[str, Any]:
+        """The method's settings as ``run_info.json`` records them (``key`` -> value of each recorded flag)."""
+        return {flag.key: getattr(args, flag.dest) for flag in self.flags if flag.key}
+
+    def card_rows(self, settings: Mapping[str, Any]) -> List[Tuple[str, Any]]:
+        """Model card rows (label, value) of the method's settings, from an export's ``tfkd.json`` block."""
+        return [(flag.label, settings[flag.public_key]) for flag in self.flags
+                if flag.key and flag.public_key in settings]
+
+    def describe(self, args: argparse.Namespace) -> str:
+        """One log line naming the method and the settings it reads."""
+        settings = ', '.join(f'{key}={value:g}' if isinstance(value, float) else f'{key}={value}'
+                             for key, value in self.record(args).items())
+        return f'Tf-KD: {self.name} ({self.description})' + (f': {settings}' if settings else '')

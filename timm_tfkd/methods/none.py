@@ -1,0 +1,19 @@
+"""``--tfkd-mode none``: plain timm training, with the criterion timm's ``train.py`` built."""
+from timm.task import ClassificationTask
+
+from .base import SMOOTHING_TIMM, Method
+
+
+class PlainTimm(Method):
+    """timm's own ``ClassificationTask`` and criterion: ``--smoothing``, ``--bce-loss``, ``--loss`` and timm's
+    ``--kd-*`` distillation apply exactly as in timm."""
+    name = 'none'
+    description = 'plain timm training, no distillation term'
+    uses_timm_criterion = True
+    smoothing = SMOOTHING_TIMM
+
+    def create_task(self, args, model, *, criterion, smoothing, data_config, teacher, device, dtype, verbose):
+        return ClassificationTask(model, criterion, device=device, dtype=dtype, verbose=verbose)
+
+    def describe(self, args):
+        return 'Tf-KD: off (plain timm training)'

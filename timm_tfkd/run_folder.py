@@ -1,0 +1,298 @@
+"""The format of a training run folder, owned here: file names, the typed run record, ``summary.csv``, choosing a
+checkpoint and rebuilding the trained network.
+
+A run folder is timm's ``train.py`` layout (``args.yaml``, ``summary.csv``, ``last.pth.tar``, ``checkpoint-N.pth.tar``,
+``model_best.pth.tar``, ``recovery-*.pth.tar``) plus ``run_info.json``, the record of what was trained. The trainer
+writes it; export, evaluation, the study and teachers read it, all through this module.
+"""
+import csv
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import timm
+import torch.nn as nn
+import yaml
+
+from .errors import RunFolderError
+
+PathLike = Union[str, os.PathLike]
+
+ARGS_FILE = 'args.yaml'
+SUMMARY_FILE = 'summary.csv'
+RUN_INFO_FILE = 'run_info.json'
+LAST_CHECKPOINT = 'last.pth.tar'
+BEST_CHECKPOINT = 'model_best.pth.tar'
+RECOVERY_PREFIX = 'recovery'
+# The validation metrics every run reports (summary.csv has them as eval_<name>, and eval_ema_<name> with an EMA).
+METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
+
+
+def milestone_checkpoint(epochs_done: int) -> str:
+    """The file ``--save-epochs`` keeps after ``epochs_done`` epochs."""
+    return f'milestone-{epochs_done}.pth.tar'
+
+
+@dataclass
+class RunRecord:
+    """``run_info.json``: what a run trained and how it ended.
+
+    Attributes:
+        model: timm architecture.
+        num_classes: Classes of the head.
+        in_chans: Input channels.
+        data_config: timm data config of the student (input size, mean / std fitted to the channels, crop, ...).
+        tfkd: The method's block: ``mode``, its settings, ``smoothing`` and ``teacher`` (identity or None).
+        class_names: Class names in label order.
+        dataset: timm dataset kind (``folder`` for an image folder).
+        train_split: Split trained on.
+        eval_split: Split validated on.
+        epochs: Epochs of the schedule.
+        seed: Random seed.
+        versions: timm, timm_tfkd and torch versions.
+        final_metrics: Validation metrics of the last validated epoch.
+        final_ema_metrics: The same for the EMA weights, when validated.
+        best_epoch: Epoch of ``model_best.pth.tar``.
+    """
+    model: str
+    num_classes: int
+    in_chans: int
+    data_config: Dict[str, Any]
+    tfkd: Dict[str, Any]
+    class_names: List[str] = field(default_factory=list)
+    dataset: Optional[str] = None
+    train_split: Optional[str] = None
+    eval_split: Optional[str] = None
+    epochs: Optional[int] = None
+    seed: Optional[int] = None
+    versions: Dict[str, str] = field(default_factory=dict)
+    final_metrics: Optional[Dict[str, float]] = None
+    final_ema_metrics: Optional[Dict[str, float]] = None
+    best_epoch: Optional[int] = None
+
+    REQUIRED = ('model', 'num_classes', 'in_chans', 'data_config', 'tfkd')
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> 'RunRecord':
+        missing = [key for key in cls.REQUIRED if key not in data]
+        if missing:
+            raise RunFolderError(f"'{where}' lacks {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _to_number(value: Optional[str]) -> Optional[float]:
+    """A summary.csv cell; empty cells (metrics not computed that epoch) become None."""
+    if value is None or value.strip() == '':
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def write_json_atomic(path: PathLike, data: Mapping[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp_path = f'{path}.tmp'
+    with open(tmp_path, 'w', encoding='utf-8') as f:
+        json.dump(data, f, indent=2)
+        f.write('\n')
+    os.replace(tmp_path, path)
+
+
+def architecture_kwargs(args: Mapping[str, Any], num_classes: int, in_chans: int) -> Dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that shape the network, exactly as ``train.py`` passes them.
+
+    The trainer builds the student with these (plus its weight sources) and every reader rebuilds a trained network
+    with them, so a checkpoint always fits the network it is loaded into.
+
+    Args:
+        args: The run's arguments (``vars(args)`` or ``args.yaml``).
+        num_classes: Classes of the head.
+        in_chans: Input channels.
+    """
+    return dict(
+        in_chans=in_chans,
+        num_classes=num_classes,
+        drop_rate=args.get('drop', 0.0),
+        drop_path_rate=args.get('drop_path'),
+        drop_block_rate=args.get('drop_block'),
+        global_pool=args.get('gp'),
+        bn_momentum=args.get('bn_momentum'),
+        bn_eps=args.get('bn_eps'),
+        **(args.get('model_kwargs') or {}),
+    )
+
+
+def inference_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """The architecture arguments that change a trained network's outputs (what a Hub ``config.json`` must carry):
+    global pooling, batch-norm epsilon and the model kwargs; drop rates and momentum do nothing at inference."""
+    model_args = dict(args.get('model_kwargs') or {})
+    if args.get('gp'):
+        model_args['global_pool'] = args['gp']
+    if args.get('bn_eps') is not None:
+        model_args['bn_eps'] = args['bn_eps']
+    return model_args
+
+
+class RunFolder:
+    """One training run folder.
+
+    Args:
+        path: The folder (``OUTPUT/EXPERIMENT``).
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f'RunFolder({str(self.path)!r})'
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- the record and the arguments ---------------------------------------------------------------------------
+
+    def read_record(self) -> RunRecord:
+        """``run_info.json``.
+
+        Raises:
+            RunFolderError: The folder or the file is missing, or the file is not a run record.
+        """
+        path = self.file(RUN_INFO_FILE)
+        if not self.path.is_dir():
+            raise RunFolderError(f"training run folder '{self.path}' does not exist")
+        try:
+            with path.open(encoding='utf-8') as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise RunFolderError(f"'{self.path}' is not a finished training run: {RUN_INFO_FILE} is missing") from None
+        except json.JSONDecodeError as e:
+            raise RunFolderError(f"'{path}' is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise RunFolderError(f"'{path}' does not hold a run record")
+        return RunRecord.from_json(data, str(path))
+
+    def write_record(self, record: RunRecord) -> None:
+        write_json_atomic(self.file(RUN_INFO_FILE), record.to_json())
+
+    def read_args(self) -> Dict[str, Any]:
+        """The training arguments the run saved in ``args.yaml``."""
+        path = self.file(ARGS_FILE)
+        try:
+            with path.open(encoding='utf-8') as f:
+                args = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise RunFolderError(f"'{ARGS_FILE}' is missing in '{self.path}'") from None
+        except yaml.YAMLError as e:
+            raise RunFolderError(f"'{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(args, dict):
+            raise RunFolderError(f"'{path}' does not hold a mapping of training arguments")
+        return args
+
+    def write_args(self, text: str) -> None:
+        """``args.yaml``, the settings as YAML (readable back with ``-c``)."""
+        with self.file(ARGS_FILE).open('w', encoding='utf-8') as f:
+            f.write(text)
+
+    # -- summary.csv --------------------------------------------------------------------------------------------
+
+    def read_summary(self) -> List[Dict[str, Optional[float]]]:
+        """The epoch rows of ``summary.csv``, values as floats (None for empty cells), ``epoch`` as int; [] when the
+        file does not exist yet."""
+        path = self.file(SUMMARY_FILE)
+        if not path.is_file():
+            return []
+        with path.open(newline='', encoding='utf-8') as f:
+            rows = [{key: _to_number(value) for key, value in row.items() if key} for row in csv.DictReader(f)]
+        rows = [row for row in rows if row.get('epoch') is not None]
+        for row in rows:
+            row['epoch'] = int(row['epoch'])
+        return rows
+
+    def summary_row(self, epoch: Optional[int]) -> Optional[Dict[str, Optional[float]]]:
+        if epoch is None:
+            return None
+        return next((row for row in self.read_summary() if row['epoch'] == epoch), None)
+
+    def drop_summary_rows_from(self, start_epoch: int) -> int:
+        """Keep only the ``summary.csv`` rows of epochs before ``start_epoch`` (rewritten atomically).
+
+        A run killed after writing an epoch's row but before saving that epoch's checkpoint trains the epoch again
+        when resumed; without this the file would list it twice (or keep a half-written row).
+
+        Returns:
+            How many rows were dropped.
+        """
+        path = self.file(SUMMARY_FILE)
+        if not path.is_file():
+            return 0
+        with path.open(newline='') as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) < start_epoch]
+        if len(kept) == len(rows):
+            return 0
+        tmp_path = f'{path}.tmp'
+        with open(tmp_path, 'w', newline='') as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp_path, path)
+        return len(rows) - len(kept)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def best_checkpoint(self) -> Path:
+        """``model_best.pth.tar``, else ``last.pth.tar`` (a run without validation keeps no best)."""
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            if self.file(name).is_file():
+                return self.file(name)
+        raise RunFolderError(f"no {BEST_CHECKPOINT} or {LAST_CHECKPOINT} in training output folder '{self.path}'")
+
+    def checkpoint(self, name: PathLike) -> Path:
+        """The checkpoint file ``name`` means in this run.
+
+        Args:
+            name: ``best`` (:meth:`best_checkpoint`), ``last`` (the final epoch, never a fallback), or a file: a
+                bare name such as ``checkpoint-7.pth.tar`` is looked up in the run folder when not found as given.
+
+        Raises:
+            RunFolderError: The file does not exist.
+        """
+        if name == 'best':
+            return self.best_checkpoint()
+        path = self.file(LAST_CHECKPOINT) if name == 'last' else Path(name)
+        if not path.is_absolute() and not path.exists() and self.file(str(path)).exists():
+            path = self.file(str(path))
+        if not path.is_file():
+            raise RunFolderError(f"checkpoint '{path}' does not exist")
+        return path
+
+    def resume_checkpoint(self) -> Optional[Path]:
+        """The newest of ``last.pth.tar`` and ``recovery-*.pth.tar``, what ``--resume auto`` continues from."""
+        if not self.path.is_dir():
+            return None
+        candidates = [Path(p) for p in glob.glob(str(self.path / f'{RECOVERY_PREFIX}-*.pth.tar'))]
+        if self.file(LAST_CHECKPOINT).is_file():
+            candidates.append(self.file(LAST_CHECKPOINT))
+        return max(candidates, key=os.path.getmtime) if candidates else None
+
+    # -- the trained network --------------------------------------------------------------------------------------
+
+    def create_model(self, record: Optional[RunRecord] = None, args: Optional[Mapping[str, Any]] = None) -> nn.Module:
+        """The run's architecture, built as the trainer built it, without weights (load a checkpoint into it).
+
+        Raises:
+            RunFolderError: The architecture cannot be built here (e.g. a model this timm does not know).
+        """
+        record = record or self.read_record()
+        args = self.read_args() if args is None else args
+        try:
+            return timm.create_model(record.model, **architecture_kwargs(args, record.num_classes, record.in_chans))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise RunFolderError(f"cannot rebuild {record.model} (num_classes={record.num_classes}, "
+                                 f"in_chans={record.in_chans}): {' '.join(str(e).split())}") from None
