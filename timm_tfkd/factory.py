@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
-from .methods import get_method, registered_flags
+from .methods import TaskContext, get_method, registered_flags
 from .teacher import SelfTeacher
 
 _logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def create_tfkd_task(
         smoothing: Optional[float] = None,
         data_config: Optional[Dict[str, Any]] = None,
         teacher: Optional[SelfTeacher] = None,
+        num_train_samples: Optional[int] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -62,6 +63,8 @@ def create_tfkd_task(
         smoothing: Label smoothing epsilon for mode 'lsr' (default ``args.smoothing``, else timm's default 0.1).
         data_config: The student's resolved data config (default: resolved from ``args`` and ``model``).
         teacher: A ready teacher for modes that learn from one (default: built from the ``--tfkd-teacher-*`` flags).
+        num_train_samples: Size of the training set (``len(dataset_train)``), needed by methods that keep
+            per-sample state.
         device: Device for the task and teacher.
         dtype: Dtype for task tensors.
         verbose: Log the set-up.
@@ -75,6 +78,6 @@ def create_tfkd_task(
         _logger.info(method.describe(args))
     if smoothing is None:
         smoothing = getattr(args, 'smoothing', TIMM_DEFAULT_SMOOTHING)
-    return method.create_task(
-        args, model, criterion=criterion, smoothing=smoothing,
-        data_config=data_config, teacher=teacher, device=device, dtype=dtype, verbose=verbose)
+    context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
+                          num_train_samples=num_train_samples, device=device, dtype=dtype, verbose=verbose)
+    return method.create_task(args, model, context)

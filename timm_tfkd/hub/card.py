@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-from ..methods import get_method
+from ..methods import Method, get_method
 from ..run_folder import METRIC_NAMES, RunRecord
 from .files import CONFIG_FILE, CURVES_FILE, METADATA_FILE, WEIGHTS_FILE
 
@@ -88,9 +88,18 @@ def _table(header: Tuple[str, str], rows: List[Tuple[str, Any]]) -> List[str]:
     return [f'| {header[0]} | {header[1]} |', '|---|---|'] + [f'| {k} | {_format_value(v)} |' for k, v in rows]
 
 
+def _method(mode: str) -> Optional[Method]:
+    """The registered method of an export, or None for one this version does not know."""
+    try:
+        return get_method(mode)
+    except ValueError:
+        return None
+
+
 def _card_front_matter(meta: Dict[str, Any], license_id: str) -> str:
     tags = ['timm', 'timm-tfkd', 'image-classification', 'knowledge-distillation']
-    if meta['tfkd']['mode'] != 'none':
+    method = _method(meta['tfkd']['mode'])
+    if method is None or not method.uses_timm_criterion:
         tags.append(f"tfkd-{meta['tfkd']['mode']}")
     front = {'library_name': 'timm', 'license': license_id, 'pipeline_tag': 'image-classification', 'tags': tags}
     return '---\n' + yaml.safe_dump(front, sort_keys=False) + '---\n'
@@ -113,11 +122,10 @@ def _card_intro(meta: Dict[str, Any], record: RunRecord, repo_id: Optional[str])
 
 def _tfkd_rows(tfkd: Mapping[str, Any]) -> List[Tuple[str, Any]]:
     """The method's rows: its name and description, the settings it reads, smoothing and teacher."""
-    mode = tfkd['mode']
-    try:
-        method = get_method(mode)
+    mode, method = tfkd['mode'], _method(tfkd['mode'])
+    if method is not None:
         rows = [('Mode', f"`{mode}` ({method.description})")] + method.card_rows(tfkd)
-    except ValueError:  # exported by a version that knew a method this one does not
+    else:  # exported by a version that knew a method this one does not
         rows = [('Mode', f'`{mode}`')] + [(key, value) for key, value in tfkd.items()
                                           if key not in ('mode', 'smoothing', 'teacher')]
     rows.append(('Label smoothing', tfkd.get('smoothing')))

@@ -65,6 +65,30 @@ class Flag:
             self.check(self.option, value)
 
 
+@dataclass
+class TaskContext:
+    """What the training script built around the student, handed to :meth:`Method.create_task`.
+
+    Attributes:
+        criterion: The criterion timm's ``train.py`` built (used by methods with ``uses_timm_criterion``).
+        smoothing: Label smoothing of the cross-entropy part, after the smoothing policy.
+        data_config: The student's resolved data config, channels fitted (the teacher's normalization needs it).
+        teacher: A ready teacher for methods with ``needs_teacher`` (built from the flags when None).
+        num_train_samples: Size of the training set, for methods that keep per-sample state (None: unknown).
+        device: Device of the task (and teacher).
+        dtype: Dtype of task tensors.
+        verbose: Log the set-up.
+    """
+    criterion: Optional[nn.Module] = None
+    smoothing: float = 0.0
+    data_config: Optional[Dict[str, Any]] = None
+    teacher: Optional[SelfTeacher] = None
+    num_train_samples: Optional[int] = None
+    device: Optional[torch.device] = None
+    dtype: Optional[torch.dtype] = None
+    verbose: bool = True
+
+
 class Method:
     """A teacher-free method. Subclasses set the class attributes and implement :meth:`create_task`.
 
@@ -108,31 +132,13 @@ class Method:
         """
         return None
 
-    def create_task(
-            self,
-            args: argparse.Namespace,
-            model: nn.Module,
-            *,
-            criterion: Optional[nn.Module],
-            smoothing: float,
-            data_config: Optional[Dict[str, Any]],
-            teacher: Optional[SelfTeacher],
-            device: Optional[torch.device],
-            dtype: Optional[torch.dtype],
-            verbose: bool,
-    ) -> TrainingTask:
+    def create_task(self, args: argparse.Namespace, model: nn.Module, context: 'TaskContext') -> TrainingTask:
         """The timm training task of this method for ``model``.
 
         Args:
             args: Parsed arguments with the "Tf-KD parameters" group.
             model: The student.
-            criterion: The criterion timm's ``train.py`` built (used by methods with ``uses_timm_criterion``).
-            smoothing: Label smoothing of the cross-entropy part, after the smoothing policy.
-            data_config: The student's resolved data config, channels fitted (for the teacher's normalization).
-            teacher: A ready teacher for methods with ``needs_teacher`` (built from the flags when None).
-            device: Device of the task (and teacher).
-            dtype: Dtype of task tensors.
-            verbose: Log the set-up.
+            context: What the caller built around the student.
         """
         raise NotImplementedError
 

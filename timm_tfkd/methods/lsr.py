@@ -23,6 +23,6 @@ class LabelSmoothing(Method):
     def create_loss(self, args, smoothing):
         return LabelSmoothingLoss(smoothing, args.tfkd_smoothing_convention)
 
-    def create_task(self, args, model, *, criterion, smoothing, data_config, teacher, device, dtype, verbose):
-        return ClassificationTask(model, self.create_loss(args, smoothing), device=device, dtype=dtype,
-                                  verbose=verbose)
+    def create_task(self, args, model, context):
+        return ClassificationTask(model, self.create_loss(args, context.smoothing), device=context.device,
+                                  dtype=context.dtype, verbose=context.verbose)

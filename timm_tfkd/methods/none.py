@@ -12,8 +12,9 @@ class PlainTimm(Method):
     uses_timm_criterion = True
     smoothing = SMOOTHING_TIMM
 
-    def create_task(self, args, model, *, criterion, smoothing, data_config, teacher, device, dtype, verbose):
-        return ClassificationTask(model, criterion, device=device, dtype=dtype, verbose=verbose)
+    def create_task(self, args, model, context):
+        return ClassificationTask(model, context.criterion, device=context.device, dtype=context.dtype,
+                                  verbose=context.verbose)
 
     def describe(self, args):
         return 'Tf-KD: off (plain timm training)'

@@ -31,7 +31,7 @@ class VirtualTeacher(Method):
         return VirtualTeacherLoss(args.tfkd_alpha, args.tfkd_temperature, args.tfkd_correct_prob, args.tfkd_formula,
                                   args.tfkd_multiplier)
 
-    def create_task(self, args, model, *, criterion, smoothing, data_config, teacher, device, dtype, verbose):
-        loss = self.create_loss(args, smoothing)
+    def create_task(self, args, model, context):
+        loss = self.create_loss(args, context.smoothing)
         loss.softened_teacher(unwrap_model(model).num_classes)  # checks correct_prob > 1/K before training starts
-        return TfKDRegTask(model, loss, device=device, dtype=dtype, verbose=verbose)
+        return TfKDRegTask(model, loss, device=context.device, dtype=context.dtype, verbose=context.verbose)

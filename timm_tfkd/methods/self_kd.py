@@ -26,12 +26,14 @@ class TeacherDistillation(Method):
     def create_loss(self, args, smoothing):
         return SelfDistillLoss(args.tfkd_alpha, args.tfkd_temperature, args.tfkd_formula, args.tfkd_multiplier)
 
-    def create_task(self, args, model, *, criterion, smoothing, data_config, teacher, device, dtype, verbose):
-        loss = self.create_loss(args, smoothing)
+    def create_task(self, args, model, context):
+        teacher = context.teacher
         if teacher is None:
             default_model = getattr(args, 'model', None) if self.teacher_is_student_architecture else None
-            teacher = create_teacher_from_args(args, model, data_config, device=device, default_model=default_model)
-        return TfKDSelfTask(model, teacher, loss, device=device, dtype=dtype, verbose=verbose)
+            teacher = create_teacher_from_args(args, model, context.data_config, device=context.device,
+                                               default_model=default_model)
+        return TfKDSelfTask(model, teacher, self.create_loss(args, context.smoothing), device=context.device,
+                            dtype=context.dtype, verbose=context.verbose)
 
     def describe(self, args):
         teacher = args.tfkd_teacher_model or (getattr(args, 'model', None) if self.teacher_is_student_architecture

@@ -129,6 +129,7 @@ def create_task(
         smoothing: float,
         mixup_active: bool,
         data_config: Dict[str, Any],
+        num_train_samples: int,
         device: torch.device,
         model_dtype: Optional[torch.dtype],
         verbose: bool,
@@ -142,8 +143,8 @@ def create_task(
                 return _timm_distillation_task(args, model, criterion, device, model_dtype, verbose)
             except RuntimeError as e:
                 raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': {e}") from None
-    return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config, device=device,
-                            dtype=model_dtype, verbose=verbose)
+    return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config,
+                            num_train_samples=num_train_samples, device=device, dtype=model_dtype, verbose=verbose)
 
 
 def resolve_lr(args: argparse.Namespace, batches_per_step: float) -> None:

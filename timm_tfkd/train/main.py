@@ -139,7 +139,8 @@ def _prepare(command_line: CommandLine) -> Run:
     mixup_active = mixup_settings(args, 0.0) is not None
     model = place_model(args, model, device, precision.model_dtype)
     data = create_train_data(args, data_config, mixup_smoothing(args, smoothing), device, precision.model_dtype)
-    task = create_task(args, model, smoothing, mixup_active, data_config, device, precision.model_dtype, primary)
+    task = create_task(args, model, smoothing, mixup_active, data_config, data.num_train_samples, device,
+                       precision.model_dtype, primary)
     if primary:
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters. '
                      f'{smoothing_note}.')
