@@ -25,6 +25,6 @@ student = timm.create_model('test_resnet', num_classes=10)
 self_task = TfKDSelfTask(student, teacher, SelfDistillLoss(alpha=0.9, temperature=6.0))
 print(f"self: kd_loss {self_task(images, labels)['kd_loss']:.3f}")
 
-# The reference code's reg loss is label smoothing in disguise (TFKD_FACTS section 2):
+# The reference code's reg loss is label smoothing in disguise (README, "Paper and official formulas"):
 equivalent = effective_smoothing(alpha=0.1, temperature=20.0, num_classes=100, multiplier=100.0)
 print(f'official reg (ResNet-18 setting) = {equivalent.scale:.2f} x label smoothing {equivalent.smoothing:.3f}')

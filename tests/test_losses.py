@@ -170,7 +170,7 @@ def test_label_smoothing_timm_convention_equals_timm():
     ('MobileNetV2', 0.95, 40.0, 1.0, 0.16, 0.06),
 ])
 def test_official_reg_is_label_smoothing(setting, alpha, T, m, eps, scale):
-    """TFKD_FACTS section 2: the reference reg is scale * LS(eps_eff) up to a constant."""
+    """The reference code's reg is scale * LS(eps_eff) up to a constant (README, "Paper and official formulas")."""
     classes = 100
     equivalent = effective_smoothing(alpha, T, classes, multiplier=m, correct_prob=0.99)
     assert round(equivalent.smoothing, 2) == eps

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import timm
 import torch.nn as nn
@@ -165,36 +165,34 @@ class RunFolder:
         Raises:
             RunFolderError: The folder or the file is missing, or the file is not a run record.
         """
-        path = self.file(RUN_INFO_FILE)
         if not self.path.is_dir():
             raise RunFolderError(f"training run folder '{self.path}' does not exist")
-        try:
-            with path.open(encoding='utf-8') as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise RunFolderError(f"'{self.path}' is not a finished training run: {RUN_INFO_FILE} is missing") from None
-        except json.JSONDecodeError as e:
-            raise RunFolderError(f"'{path}' is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise RunFolderError(f"'{path}' does not hold a run record")
-        return RunRecord.from_json(data, str(path))
+        if not self.file(RUN_INFO_FILE).is_file():
+            raise RunFolderError(f"'{self.path}' is not a finished training run: {RUN_INFO_FILE} is missing")
+        return RunRecord.from_json(self._read_mapping(RUN_INFO_FILE, json.load, 'a run record'),
+                                   str(self.file(RUN_INFO_FILE)))
 
     def write_record(self, record: RunRecord) -> None:
         write_json_atomic(self.file(RUN_INFO_FILE), record.to_json())
 
     def read_args(self) -> Dict[str, Any]:
         """The training arguments the run saved in ``args.yaml``."""
-        path = self.file(ARGS_FILE)
+        return self._read_mapping(ARGS_FILE, yaml.safe_load, 'a mapping of training arguments')
+
+    def _read_mapping(self, name: str, load: Callable[[Any], Any], what: str) -> Dict[str, Any]:
+        """A JSON / YAML file of the run that must hold a mapping; every problem is one line."""
+        path = self.file(name)
         try:
             with path.open(encoding='utf-8') as f:
-                args = yaml.safe_load(f)
+                data = load(f)
         except FileNotFoundError:
-            raise RunFolderError(f"'{ARGS_FILE}' is missing in '{self.path}'") from None
-        except yaml.YAMLError as e:
-            raise RunFolderError(f"'{path}' is not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(args, dict):
-            raise RunFolderError(f"'{path}' does not hold a mapping of training arguments")
-        return args
+            raise RunFolderError(f"'{name}' is missing in '{self.path}'") from None
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise RunFolderError(f"'{path}' is not valid {name.rsplit('.', 1)[-1].upper()}: "
+                                 f"{' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise RunFolderError(f"'{path}' does not hold {what}")
+        return data
 
     def write_args(self, text: str) -> None:
         """``args.yaml``, the settings as YAML (readable back with ``-c``)."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
+from ..losses import check_choice
 from ..teacher import SelfTeacher
 
 # How a method treats timm's --smoothing (default 0.1 in timm):
@@ -29,7 +30,8 @@ class Flag:
     Attributes:
         option: The option string, e.g. ``--tfkd-alpha``.
         kwargs: Keyword arguments of ``add_argument`` (type, default, choices, metavar, help, action).
-        check: ``check(option, value)`` raises ``ValueError`` with a one-line message when the value cannot work.
+        check: ``check(option, value)`` raises ``ValueError`` with a one-line message when the value cannot work
+            (a flag with ``choices`` is checked against them without one).
         key: Name of the setting in ``run_info.json`` (default: the destination without ``tfkd_``); None when the
             flag is not a setting of the trained model (e.g. a teacher speed-up).
         public_key: Name in an export's ``tfkd.json`` (default: ``key``).
@@ -61,6 +63,8 @@ class Flag:
 
     def validate(self, value: Any) -> None:
         """Raise ``ValueError`` (naming the option) when ``value`` cannot work."""
+        if 'choices' in self.kwargs:
+            check_choice(self.option, value, tuple(self.kwargs['choices']))
         if self.check is not None:
             self.check(self.option, value)
 

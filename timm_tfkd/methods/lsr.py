@@ -1,7 +1,7 @@
 """``--tfkd-mode lsr``: label smoothing, the control Tf-KD is compared with, in timm's or the reference convention."""
 from timm.task import ClassificationTask
 
-from ..losses import SMOOTHING_CONVENTIONS, LabelSmoothingLoss, check_choice
+from ..losses import SMOOTHING_CONVENTIONS, LabelSmoothingLoss
 from .base import SMOOTHING_EPSILON, Flag, Method
 
 SMOOTHING_CONVENTION = Flag(
@@ -9,7 +9,7 @@ SMOOTHING_CONVENTION = Flag(
         default='timm', choices=SMOOTHING_CONVENTIONS,
         help="lsr: timm spreads epsilon/K over all classes; reference spreads epsilon/(K-1) over the wrong "
              "classes. The epsilon is timm's --smoothing. Default: timm."),
-    check=lambda option, value: check_choice(option, value, SMOOTHING_CONVENTIONS), label='Smoothing convention')
+    label='Smoothing convention')
 
 
 class LabelSmoothing(Method):

@@ -1,5 +1,5 @@
 """Flags that several methods read (each lists the ones it uses; the registry declares each flag once)."""
-from ..losses import FORMULAS, check_choice, check_positive, check_unit_interval
+from ..losses import FORMULAS, check_positive, check_unit_interval
 from .base import Flag
 
 ALPHA = Flag(
@@ -19,7 +19,7 @@ FORMULA = Flag(
         default='paper', choices=FORMULAS,
         help="paper: the equations of the paper (batch-mean KL, tau^2); official: exactly what the reference code "
              "computes (KL mean over batch x classes, reg without student temperature). Default: paper."),
-    check=lambda option, value: check_choice(option, value, FORMULAS), label='Formula')
+    label='Formula')
 
 MULTIPLIER = Flag(
     '--tfkd-multiplier', dict(
