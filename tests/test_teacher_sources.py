@@ -136,6 +136,14 @@ def test_pretrained_teacher_with_other_classes_than_the_student_is_refused(pretr
     assert f'{PRETRAINED_CLASSES} classes' in message and f'student: {K}' in message
 
 
+def test_unknown_pretrained_tag_is_refused_even_with_the_default_weights_at_hand(pretrained_network):
+    """The tag picks the weights: it must never be dropped in favour of the architecture's default ones."""
+    with pytest.raises(TeacherError) as error:
+        create_self_teacher('pretrained:no_such_tag', 'test_resnet', PRETRAINED_CLASSES, 3, HALF, HALF)
+    message = str(error.value)
+    assert '\n' not in message and 'test_resnet.no_such_tag' in message
+
+
 @pytest.mark.parametrize('source, named', [
     (f'hf-hub:{HUB_REPO}-missing', f'hf-hub:{HUB_REPO}-missing'),
     ('pretrained', 'test_resnet'),  # nothing in the cache for timm's weights either
