@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
