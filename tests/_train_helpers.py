@@ -1,16 +1,27 @@
-"""Helpers shared by the end-to-end trainer tests (test_train_*.py): tiny runs in-process or as subprocesses."""
+"""Helpers shared by the end-to-end trainer tests (test_train_*.py): tiny runs in-process or as subprocesses, and
+the trainer's data and task as a run builds them.
+
+The trainer's internal names are imported here and nowhere else in the tests, so a move of the package's modules
+means updating this file only.
+"""
+import argparse
 import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
+from timm.task import TrainingTask
 
+import timm_tfkd.train.main as trainer_main
 from timm_tfkd.checkpoint_io import read_checkpoint
+from timm_tfkd.train.args import check_supported, explicitly_set, parse_args, resolve_smoothing
+from timm_tfkd.train.build import create_student, create_task, resolve_student_data_config
+from timm_tfkd.train.data import mixup_settings
 from timm_tfkd.train.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +129,55 @@ def assert_run_files(run_dir: Path, epochs: int, extra: Optional[Sequence[str]] 
     assert not (run_dir / 'tmp.pth.tar').exists()
     checkpoint = read_checkpoint(str(run_dir / 'last.pth.tar'))
     assert checkpoint['epoch'] == epochs - 1
+
+
+def build_task(argv: Sequence[str], device: str = 'cpu') -> Tuple[argparse.Namespace, TrainingTask]:
+    """The task the trainer builds for a command line, through the trainer's own steps: parse (YAML and flags),
+    what was set explicitly, the usage checks, the smoothing policy, the student, then the task builder. No data
+    is read and nothing is written."""
+    argv = [str(a) for a in argv]
+    args, _ = parse_args(argv)
+    explicit = explicitly_set(argv)
+    check_supported(args)
+    model = create_student(args)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    data_config = resolve_student_data_config(args, model, verbose=False)
+    smoothing, _ = resolve_smoothing(args, explicit)
+    mixup_active = mixup_settings(args, 0.0) is not None
+    task = create_task(args, model, smoothing, mixup_active, data_config, torch.device(device), None, verbose=False)
+    return args, task
+
+
+class _Built(Exception):
+    """Stops ``main`` once its training data and task exist."""
+
+
+def build_in_trainer(argv: Sequence[str]) -> Tuple[Any, TrainingTask]:
+    """Run the real ``main(argv)`` until it has built its training data and its task; return both.
+
+    main's own builders do all the work; they are only wrapped to keep what they return, and the run stops right
+    after the task exists (no optimizer, no output folder). Unlike calling the builders directly, this covers what
+    main decides between parsing and building (which smoothing goes into the loss and which into Mixup).
+
+    Returns:
+        The ``TrainData`` (loaders and Mixup) and the task.
+    """
+    built: Dict[str, Any] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, stop in (('create_train_data', False), ('create_task', True)):
+            patch.setattr(trainer_main, name, _keeping(getattr(trainer_main, name), name, built, stop))
+        try:
+            code = call_main(argv)
+        except _Built:
+            return built['create_train_data'], built['create_task']
+    raise AssertionError(f'main() returned {code} before building its task for {list(map(str, argv))}')
+
+
+def _keeping(real, name: str, built: Dict[str, Any], stop: bool):
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        built[name] = real(*args, **kwargs)
+        if stop:
+            raise _Built
+        return built[name]
+    return spy

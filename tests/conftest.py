@@ -1,6 +1,9 @@
-"""Shared fixtures: small image folders written by the tests themselves."""
+"""Shared fixtures: small image folders written by the tests themselves, and an offline, hand-built Hub cache."""
+import hashlib
+import shutil
 from pathlib import Path
 
+import huggingface_hub.constants as hf_constants
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,3 +32,37 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
 def image_folder(tmp_path: Path) -> Path:
     """A 3-class, 16 px RGB folder dataset with train and validation splits."""
     return write_image_folder(tmp_path / 'data')
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache under tmp_path, offline mode on, and no real token reachable.
+
+    huggingface_hub reads these settings into module constants at import time, so both the environment (for
+    subprocesses) and the constants (for this process) are patched.
+    """
+    home = tmp_path / 'hf_home'
+    cache = home / 'hub'
+    cache.mkdir(parents=True)
+    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('HF_HOME', str(home))
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(hf_constants, 'HF_HOME', str(home))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(home / 'token'))
+    monkeypatch.setattr(hf_constants, 'HF_STORED_TOKENS_PATH', str(home / 'stored_tokens'))
+    return cache
+
+
+def publish_to_cache(cache: Path, repo_id: str, folder: Path, revision: str) -> str:
+    """Lay a folder out as huggingface_hub caches a downloaded repo: refs/REV -> snapshots/COMMIT/files."""
+    files = sorted(p for p in folder.iterdir())
+    commit = hashlib.sha1(b''.join(p.read_bytes() for p in files)).hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / revision).write_text(commit)
+    shutil.copytree(folder, repo / 'snapshots' / commit)
+    return commit

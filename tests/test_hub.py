@@ -8,12 +8,10 @@ import logging
 import os
 import re
 import shlex
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import huggingface_hub.constants as hf_constants
 import pytest
 import timm
 import torch
@@ -26,6 +24,8 @@ from timm_tfkd.checkpoint_io import CheckpointError
 from timm_tfkd.cli import main
 from timm_tfkd.train import publish
 
+from conftest import publish_to_cache
+
 NUM_CLASSES = 4
 CLASS_NAMES = ['T-shirt', 'Trouser', 'Pullover', 'Dress']
 TOP1 = (60.0, 80.0, 70.0)  # epoch 1 is model_best, epoch 2 is last
@@ -33,6 +33,9 @@ BEST_EPOCH, LAST_EPOCH = 1, 2
 REPO_ID = 'org/name'
 FAKE_TOKEN = 'hf_' + 'T0kEnFAKEsecret' * 3
 TOKEN_LIKE = re.compile(r'hf_[A-Za-z0-9]{20,}')
+
+# Every test here runs against an empty, offline Hub cache with no real token reachable.
+pytestmark = pytest.mark.usefixtures('offline_hub')
 
 
 @dataclass
@@ -135,40 +138,6 @@ def make_run(tmp_path: Path):
     def _make(**kwargs: Any) -> TrainedRun:
         return build_run(tmp_path / f'run{next(counter)}', **kwargs)
     return _make
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hub cache under tmp_path, offline mode on, and no real token reachable.
-
-    huggingface_hub reads these settings into module constants at import time, so both the environment and the
-    constants are patched.
-    """
-    home = tmp_path / 'hf_home'
-    cache = home / 'hub'
-    cache.mkdir(parents=True)
-    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv('HF_HOME', str(home))
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(hf_constants, 'HF_HOME', str(home))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(home / 'token'))
-    monkeypatch.setattr(hf_constants, 'HF_STORED_TOKENS_PATH', str(home / 'stored_tokens'))
-    return cache
-
-
-def publish_to_cache(cache: Path, repo_id: str, folder: Path, revision: str) -> str:
-    """Lay a folder out as huggingface_hub caches a downloaded repo: refs/REV -> snapshots/COMMIT/files."""
-    files = sorted(p for p in folder.iterdir())
-    commit = hashlib.sha1(b''.join(p.read_bytes() for p in files)).hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / 'refs').mkdir(parents=True, exist_ok=True)
-    (repo / 'refs' / revision).write_text(commit)
-    shutil.copytree(folder, repo / 'snapshots' / commit)
-    return commit
 
 
 class FakeHubApi:

@@ -293,7 +293,9 @@ def create_self_teacher(
         tag = source.partition(':')[2]
         full_name = f'{model_name}.{tag}' if tag else model_name
         try:
-            model = create_model(full_name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+            # With the student's num_classes, timm would drop a classifier trained for other classes and leave a
+            # freshly initialized head, silently; built as published, the class check below refuses it instead.
+            model = create_model(full_name, pretrained=True, in_chans=in_chans)
         except Exception as e:
             raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {type(e).__name__}: {e}") from None
         identity = {'source': f'timm:{full_name}'}
