@@ -19,9 +19,12 @@ from timm.task import TrainingTask
 
 import timm_tfkd.train.main as trainer_main
 from timm_tfkd.checkpoint_io import read_checkpoint
-from timm_tfkd.train.args import check_supported, explicitly_set, parse_args, resolve_smoothing
-from timm_tfkd.train.build import create_student, create_task, resolve_student_data_config
+from timm_tfkd.data_config import resolve_student_data_config
+from timm_tfkd.methods import get_method
+from timm_tfkd.train.build import create_student, create_task
+from timm_tfkd.train.config import parse_args
 from timm_tfkd.train.data import mixup_settings
+from timm_tfkd.train.policy import check_smoothing, check_supported, resolve_smoothing
 from timm_tfkd.train.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,17 +138,19 @@ def build_task(argv: Sequence[str], device: str = 'cpu') -> Tuple[argparse.Names
     """The task the trainer builds for a command line, through the trainer's own steps: parse (YAML and flags),
     what was set explicitly, the usage checks, the smoothing policy, the student, then the task builder. No data
     is read and nothing is written."""
-    argv = [str(a) for a in argv]
-    args, _ = parse_args(argv)
-    explicit = explicitly_set(argv)
+    command_line = parse_args([str(a) for a in argv])
+    args = command_line.args
     check_supported(args)
     model = create_student(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
-    data_config = resolve_student_data_config(args, model, verbose=False)
-    smoothing, _ = resolve_smoothing(args, explicit)
+    get_method(args.tfkd_mode).check(args, num_classes=args.num_classes)
+    data_config = resolve_student_data_config(vars(args), model)
+    smoothing, _ = resolve_smoothing(args, command_line.explicit)
+    check_smoothing(args, smoothing)
     mixup_active = mixup_settings(args, 0.0) is not None
-    task = create_task(args, model, smoothing, mixup_active, data_config, torch.device(device), None, verbose=False)
+    task = create_task(args, model, smoothing, mixup_active, data_config, None, torch.device(device), None,
+                       verbose=False)
     return args, task
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small image folders written by the tests themselves, and an offline, hand-built Hub cache."""
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
                     pixels = np.stack([pixels, pixels[::-1], pixels.T], axis=-1)
                 Image.fromarray(pixels, mode=mode).save(folder / f'{index}.png')
     return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_logging():
+    """Entry points run in-process (the trainer's ``main``, ``timm-tfkd``) install their console handlers on the root
+    logger, as they do in a fresh process; take them away again so that one test's handlers never print into the
+    next test's stderr."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
