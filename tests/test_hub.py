@@ -8,12 +8,10 @@ import logging
 import os
 import re
 import shlex
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import huggingface_hub.constants as hf_constants
 import pytest
 import timm
 import torch
@@ -24,6 +22,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 from timm_tfkd import hub
 from timm_tfkd.checkpoint_io import CheckpointError
 from timm_tfkd.cli import main
+from conftest import FakeHubApi
 
 NUM_CLASSES = 4
 CLASS_NAMES = ['T-shirt', 'Trouser', 'Pullover', 'Dress']
@@ -32,6 +31,9 @@ BEST_EPOCH, LAST_EPOCH = 1, 2
 REPO_ID = 'org/name'
 FAKE_TOKEN = 'hf_' + 'T0kEnFAKEsecret' * 3
 TOKEN_LIKE = re.compile(r'hf_[A-Za-z0-9]{20,}')
+
+# Every test runs against an empty offline Hub cache with no token reachable (conftest.offline_hub).
+pytestmark = pytest.mark.usefixtures('offline_hub')
 
 
 @dataclass
@@ -134,66 +136,6 @@ def make_run(tmp_path: Path):
     def _make(**kwargs: Any) -> TrainedRun:
         return build_run(tmp_path / f'run{next(counter)}', **kwargs)
     return _make
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hub cache under tmp_path, offline mode on, and no real token reachable.
-
-    huggingface_hub reads these settings into module constants at import time, so both the environment and the
-    constants are patched.
-    """
-    home = tmp_path / 'hf_home'
-    cache = home / 'hub'
-    cache.mkdir(parents=True)
-    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv('HF_HOME', str(home))
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(hf_constants, 'HF_HOME', str(home))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(home / 'token'))
-    monkeypatch.setattr(hf_constants, 'HF_STORED_TOKENS_PATH', str(home / 'stored_tokens'))
-    return cache
-
-
-def publish_to_cache(cache: Path, repo_id: str, folder: Path, revision: str) -> str:
-    """Lay a folder out as huggingface_hub caches a downloaded repo: refs/REV -> snapshots/COMMIT/files."""
-    files = sorted(p for p in folder.iterdir())
-    commit = hashlib.sha1(b''.join(p.read_bytes() for p in files)).hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / 'refs').mkdir(parents=True, exist_ok=True)
-    (repo / 'refs' / revision).write_text(commit)
-    shutil.copytree(folder, repo / 'snapshots' / commit)
-    return commit
-
-
-class FakeHubApi:
-    """Stands in for HfApi: records keyword calls; an upload lands in the local Hub cache as a download would."""
-
-    def __init__(self, cache: Path, fail_with: Optional[Exception] = None):
-        self.cache = cache
-        self.fail_with = fail_with
-        self.calls: List[tuple] = []
-        self.uploaded_files: Optional[List[str]] = None
-
-    def create_repo(self, **kwargs: Any) -> str:
-        self.calls.append(('create_repo', kwargs))
-        return f"https://huggingface.co/{kwargs['repo_id']}"
-
-    def create_branch(self, **kwargs: Any) -> None:
-        self.calls.append(('create_branch', kwargs))
-
-    def upload_folder(self, **kwargs: Any) -> str:
-        self.calls.append(('upload_folder', kwargs))
-        if self.fail_with is not None:
-            raise self.fail_with
-        folder = Path(kwargs['folder_path'])
-        self.uploaded_files = sorted(p.name for p in folder.iterdir())
-        commit = publish_to_cache(self.cache, kwargs['repo_id'], folder, kwargs['revision'] or 'main')
-        return f"https://huggingface.co/{kwargs['repo_id']}/commit/{commit}"
 
 
 def assert_weights_equal(model: torch.nn.Module, expected: Dict[str, torch.Tensor]) -> None:
