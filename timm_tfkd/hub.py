@@ -58,6 +58,8 @@ SUMMARY_FILE = 'summary.csv'
 ARGS_FILE = 'args.yaml'
 METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
 RUN_INFO_REQUIRED_KEYS = ('model', 'num_classes', 'in_chans', 'data_config', 'tfkd')
+# args.yaml keys the trainer passes to timm.create_model that shape the network, and the keyword each becomes.
+ARCHITECTURE_ARGS = (('gp', 'global_pool'), ('bn_momentum', 'bn_momentum'), ('bn_eps', 'bn_eps'))
 
 MODE_DESCRIPTIONS = {
     'none': 'plain timm training, no distillation term',
@@ -262,8 +264,12 @@ def _build_model(run: _Run, selection: _Selection) -> nn.Module:
     """Create the run's architecture the way the trainer did and load the chosen weights into it."""
     info, args = run.info, run.args
     model_kwargs = dict(args.get('model_kwargs') or {})
-    if args.get('gp'):
-        model_kwargs['global_pool'] = args['gp']
+    # timm records the factory arguments a model was built with and save_for_hf writes them to config.json's
+    # model_args, which create_model('hf-hub:...') passes back: any architecture flag of the trainer missing here
+    # would make plain timm build another network (e.g. BatchNorm eps is a module attribute, not a weight).
+    for arg, kwarg in ARCHITECTURE_ARGS:
+        if args.get(arg) is not None:
+            model_kwargs[kwarg] = args[arg]
     try:
         # timm resolves image-size arguments for fixed-size models (e.g. ViTs) from the trained input size.
         resolved = resolve_model_input_args(
@@ -564,7 +570,7 @@ def _card_files_section(meta: Dict[str, Any]) -> List[str]:
     return [
         '## Files', '',
         f"- `{WEIGHTS_FILE}`: the weights (SHA-256 `{meta['export']['sha256']}`)",
-        f'- `{CONFIG_FILE}`: timm architecture, preprocessing and label names',
+        f'- `{CONFIG_FILE}`: timm architecture with the arguments it was trained with, preprocessing and label names',
         f'- `{METADATA_FILE}`: Tf-KD settings, teacher identity, versions and metrics, machine-readable',
         f'- `{CURVES_FILE}`: loss and top-1 per epoch',
     ]
