@@ -19,7 +19,7 @@ from timm_tfkd import hub
 from timm_tfkd.checkpoint_io import read_checkpoint
 from conftest import FakeHubApi, use_offline_hub, write_image_folder
 from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_state_dicts_equal, one_torch_thread, read_summary, tiny_args, train_in_process,
+    assert_state_dicts_equal, once_per_key, one_torch_thread, read_summary, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -44,6 +44,9 @@ class Case:
 
 CASES = [
     Case('default', (), push=False),
+    # Not the architecture but the preprocessing the published config.json must carry for the metrics to reproduce.
+    Case('preprocessing', ('--mean', '0.3', '0.4', '0.5', '--std', '0.2', '0.25', '0.3', '--crop-pct', '1.0',
+                           '--interpolation', 'bicubic')),
     Case('model-kwargs', ('--model-kwargs', 'stem_width=8', 'channels=(16,24,24,48)'),
          {'stem_width': 8, 'channels': (16, 24, 24, 48)}),
     # At 16 px test_resnet ends on a 1x1 feature map, where max pooling equals average pooling; 48 px leaves 2x2.
@@ -113,13 +116,8 @@ def publish(case: Case, workdir: Path, data_dir: Path, api: FakeHubApi) -> Publi
 @pytest.fixture(scope='module')
 def runs(workdir, data_dirs, hub_api):
     """``runs(case)``: the case trained and published once per module, however many tests ask for it."""
-    done: Dict[str, Published] = {}
-
-    def get(case: Case) -> Published:
-        if case.name not in done:
-            done[case.name] = publish(case, workdir, data_dirs[case.channels], hub_api)
-        return done[case.name]
-    return get
+    return once_per_key(lambda case: publish(case, workdir, data_dirs[case.channels], hub_api),
+                        key=lambda case: case.name)
 
 
 @pytest.fixture(params=CASES, ids=lambda case: case.name)
