@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -72,6 +72,26 @@ def train_in_process(argv: Sequence[str]) -> Path:
     return run_dir_of(argv)
 
 
+def once_per_key(build: Callable[[Any], Any], key: Callable[[Any], Any] = lambda item: item) -> Callable[[Any], Any]:
+    """``build(item)`` at most once per ``key(item)``, for module-scoped fixtures that hand out runs on demand.
+
+    A failure is remembered too: the tests sharing a broken run all fail with its error, instead of each training
+    it again (into a suffixed folder, since the first attempt left the run folder behind).
+    """
+    results: Dict[Any, Any] = {}
+
+    def get(item: Any) -> Any:
+        if key(item) not in results:
+            try:
+                results[key(item)] = build(item)
+            except Exception as e:
+                results[key(item)] = e
+        if isinstance(results[key(item)], Exception):
+            raise results[key(item)]
+        return results[key(item)]
+    return get
+
+
 def run_dir_of(argv: Sequence[str]) -> Path:
     argv = [str(a) for a in argv]
     return Path(argv[argv.index('--output') + 1]) / argv[argv.index('--experiment') + 1]
@@ -120,6 +140,22 @@ def assert_state_dicts_equal(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tens
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
+def assert_nested_equal(a, b, where='') -> None:
+    """Equal checkpoint entries: tensors bit for bit, containers item by item."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f'tensors differ at {where}'
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_nested_equal(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_equal(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, f'{a!r} != {b!r} at {where}'
 
 
 def assert_run_files(run_dir: Path, epochs: int, extra: Optional[Sequence[str]] = ()) -> None:

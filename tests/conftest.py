@@ -1,8 +1,10 @@
-"""Shared fixtures: small image folders written by the tests themselves, and an offline, hand-built Hub cache."""
+"""Shared fixtures: small image folders written by the tests themselves, and an offline Hugging Face Hub (an empty
+cache, no token, and a stand-in for HfApi whose uploads land in that cache as a download would)."""
 import hashlib
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, List, Optional
 
 import huggingface_hub.constants as hf_constants
 import numpy as np
@@ -48,14 +50,15 @@ def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / 'data')
 
 
-@pytest.fixture
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hub cache under tmp_path, offline mode on, and no real token reachable.
+def use_offline_hub(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Point huggingface_hub at an empty cache under ``home``, offline, with no real token reachable.
 
-    huggingface_hub reads these settings into module constants at import time, so both the environment (for
-    subprocesses) and the constants (for this process) are patched.
+    huggingface_hub reads these settings into module constants at import time, so both the environment and the
+    constants are patched.
+
+    Returns:
+        The Hub cache folder.
     """
-    home = tmp_path / 'hf_home'
     cache = home / 'hub'
     cache.mkdir(parents=True)
     for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
@@ -71,6 +74,12 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty offline Hub cache under tmp_path for one test (see :func:`use_offline_hub`)."""
+    return use_offline_hub(monkeypatch, tmp_path / 'hf_home')
+
+
 def publish_to_cache(cache: Path, repo_id: str, folder: Path, revision: str) -> str:
     """Lay a folder out as huggingface_hub caches a downloaded repo: refs/REV -> snapshots/COMMIT/files."""
     files = sorted(p for p in folder.iterdir())
@@ -80,3 +89,29 @@ def publish_to_cache(cache: Path, repo_id: str, folder: Path, revision: str) -> 
     (repo / 'refs' / revision).write_text(commit)
     shutil.copytree(folder, repo / 'snapshots' / commit)
     return commit
+
+
+class FakeHubApi:
+    """Stands in for HfApi: records keyword calls; an upload lands in the local Hub cache as a download would."""
+
+    def __init__(self, cache: Path, fail_with: Optional[Exception] = None):
+        self.cache = cache
+        self.fail_with = fail_with
+        self.calls: List[tuple] = []
+        self.uploaded_files: Optional[List[str]] = None
+
+    def create_repo(self, **kwargs: Any) -> str:
+        self.calls.append(('create_repo', kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}"
+
+    def create_branch(self, **kwargs: Any) -> None:
+        self.calls.append(('create_branch', kwargs))
+
+    def upload_folder(self, **kwargs: Any) -> str:
+        self.calls.append(('upload_folder', kwargs))
+        if self.fail_with is not None:
+            raise self.fail_with
+        folder = Path(kwargs['folder_path'])
+        self.uploaded_files = sorted(p.name for p in folder.iterdir())
+        commit = publish_to_cache(self.cache, kwargs['repo_id'], folder, kwargs['revision'] or 'main')
+        return f"https://huggingface.co/{kwargs['repo_id']}/commit/{commit}"

@@ -10,7 +10,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 import timm
@@ -24,7 +24,7 @@ from timm_tfkd.checkpoint_io import CheckpointError
 from timm_tfkd.cli import main
 from timm_tfkd.train import publish
 
-from conftest import publish_to_cache
+from conftest import FakeHubApi
 
 NUM_CLASSES = 4
 CLASS_NAMES = ['T-shirt', 'Trouser', 'Pullover', 'Dress']
@@ -34,7 +34,7 @@ REPO_ID = 'org/name'
 FAKE_TOKEN = 'hf_' + 'T0kEnFAKEsecret' * 3
 TOKEN_LIKE = re.compile(r'hf_[A-Za-z0-9]{20,}')
 
-# Every test here runs against an empty, offline Hub cache with no real token reachable.
+# Every test runs against an empty offline Hub cache with no token reachable (conftest.offline_hub).
 pytestmark = pytest.mark.usefixtures('offline_hub')
 
 
@@ -138,32 +138,6 @@ def make_run(tmp_path: Path):
     def _make(**kwargs: Any) -> TrainedRun:
         return build_run(tmp_path / f'run{next(counter)}', **kwargs)
     return _make
-
-
-class FakeHubApi:
-    """Stands in for HfApi: records keyword calls; an upload lands in the local Hub cache as a download would."""
-
-    def __init__(self, cache: Path, fail_with: Optional[Exception] = None):
-        self.cache = cache
-        self.fail_with = fail_with
-        self.calls: List[tuple] = []
-        self.uploaded_files: Optional[List[str]] = None
-
-    def create_repo(self, **kwargs: Any) -> str:
-        self.calls.append(('create_repo', kwargs))
-        return f"https://huggingface.co/{kwargs['repo_id']}"
-
-    def create_branch(self, **kwargs: Any) -> None:
-        self.calls.append(('create_branch', kwargs))
-
-    def upload_folder(self, **kwargs: Any) -> str:
-        self.calls.append(('upload_folder', kwargs))
-        if self.fail_with is not None:
-            raise self.fail_with
-        folder = Path(kwargs['folder_path'])
-        self.uploaded_files = sorted(p.name for p in folder.iterdir())
-        commit = publish_to_cache(self.cache, kwargs['repo_id'], folder, kwargs['revision'] or 'main')
-        return f"https://huggingface.co/{kwargs['repo_id']}/commit/{commit}"
 
 
 def assert_weights_equal(model: torch.nn.Module, expected: Dict[str, torch.Tensor]) -> None:

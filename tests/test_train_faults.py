@@ -14,8 +14,8 @@ import torch
 from timm_tfkd.checkpoint_io import read_checkpoint
 from conftest import write_image_folder
 from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    REPO_ROOT, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict, one_torch_thread,
-    read_summary, script_command, subprocess_env, tiny_args, train_in_process,
+    REPO_ROOT, assert_nested_equal, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict,
+    one_torch_thread, read_summary, script_command, subprocess_env, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,22 +34,6 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope='module')
 def data_dir(workdir) -> Path:
     return write_image_folder(workdir / 'data')
-
-
-def _assert_nested_equal(a, b, where='') -> None:
-    """Equal checkpoint entries: tensors bit for bit, containers item by item."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f'tensors differ at {where}'
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_nested_equal(a[key], b[key], f'{where}.{key}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_nested_equal(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, f'{a!r} != {b!r} at {where}'
 
 
 @pytest.fixture(scope='module')
@@ -73,8 +57,8 @@ def test_resume_auto_matches_uninterrupted_run(uninterrupted, interrupted):
     assert_state_dicts_equal(load_state_dict(interrupted / 'last.pth.tar'),
                              load_state_dict(uninterrupted / 'last.pth.tar'))
     a, b = read_checkpoint(str(uninterrupted / 'last.pth.tar')), read_checkpoint(str(interrupted / 'last.pth.tar'))
-    _assert_nested_equal(b['optimizer'], a['optimizer'], 'optimizer')
-    _assert_nested_equal(b['rng_state'], a['rng_state'], 'rng_state')
+    assert_nested_equal(b['optimizer'], a['optimizer'], 'optimizer')
+    assert_nested_equal(b['rng_state'], a['rng_state'], 'rng_state')
     # Every epoch's losses, metrics and learning rate: the same numbers, not merely close ones.
     assert read_summary(interrupted) == read_summary(uninterrupted)
     assert not any(name.startswith(os.path.basename(interrupted) + '-') for name in os.listdir(interrupted.parent))

@@ -130,17 +130,6 @@ def architecture_kwargs(args: Mapping[str, Any], num_classes: int, in_chans: int
     )
 
 
-def inference_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
-    """The architecture arguments that change a trained network's outputs (what a Hub ``config.json`` must carry):
-    global pooling, batch-norm epsilon and the model kwargs; drop rates and momentum do nothing at inference."""
-    model_args = dict(args.get('model_kwargs') or {})
-    if args.get('gp'):
-        model_args['global_pool'] = args['gp']
-    if args.get('bn_eps') is not None:
-        model_args['bn_eps'] = args['bn_eps']
-    return model_args
-
-
 class RunFolder:
     """One training run folder.
 

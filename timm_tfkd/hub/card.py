@@ -215,7 +215,7 @@ def _card_files_section(meta: Dict[str, Any]) -> List[str]:
     return [
         '## Files', '',
         f"- `{WEIGHTS_FILE}`: the weights (SHA-256 `{meta['export']['sha256']}`)",
-        f'- `{CONFIG_FILE}`: timm architecture, preprocessing and label names',
+        f'- `{CONFIG_FILE}`: timm architecture with the arguments it was trained with, preprocessing and label names',
         f'- `{METADATA_FILE}`: Tf-KD settings, teacher identity, versions and metrics, machine-readable',
         f'- `{CURVES_FILE}`: loss and top-1 per epoch',
     ]

@@ -19,7 +19,7 @@ from torch import nn
 from ..checkpoint_io import EMA_STATE_DICT_KEYS, extract_state_dict, read_checkpoint, sha256_file
 from ..errors import ExportError
 from ..methods import registered_flags
-from ..run_folder import METRIC_NAMES, RunFolder, RunRecord, inference_model_args
+from ..run_folder import METRIC_NAMES, RunFolder, RunRecord
 from ..version import __version__
 from .card import model_card, plot_curves
 from .files import (
@@ -146,8 +146,9 @@ def _write_weights_and_config(model: nn.Module, run: _Run, license_id: str, fold
     data_config = {key: record.data_config[key] for key in
                    ('input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
                    if key in record.data_config}
-    save_for_hf(model, str(folder), model_config=model_config, model_args=inference_model_args(run.args) or None,
-                data_config=data_config, safe_serialization=True)
+    # timm records the arguments the network was built with (global pool, batch-norm eps, model kwargs) and writes
+    # them into config.json, so plain timm rebuilds exactly this network.
+    save_for_hf(model, str(folder), model_config=model_config, data_config=data_config, safe_serialization=True)
 
 
 def _public_source(source: Optional[str]) -> Optional[str]:
