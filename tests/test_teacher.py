@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.data import resolve_data_config
 from timm.models import save_for_hf
 from timm.utils import CheckpointSaver
 
@@ -188,3 +189,16 @@ def test_compiled_teacher_keeps_logits(monkeypatch):
     teacher = SelfTeacher(_model(), *IMAGENET).speed_up(_x(seed=5), channels_last=True, fuse_bn=True, compile=True)
     assert teacher._forward_model is not teacher.model
     assert ((teacher(_x()) - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+
+
+def test_run_checkpoint_teacher_is_the_network_its_run_trained(tmp_path):
+    """A run's batch-norm eps and global pool shape its logits, not its weights: the teacher must be rebuilt with them."""
+    torch.manual_seed(0)
+    trained = timm.create_model('test_efficientnet', num_classes=5, bn_eps=1e-3, global_pool='max').eval()
+    args = argparse.Namespace(model='test_efficientnet', bn_eps=1e-3, gp='max', model_kwargs={}, mean=None, std=None)
+    saver = CheckpointSaver(trained, torch.optim.SGD(trained.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, 1.0)
+    config = resolve_data_config({}, model=trained)  # the student normalizes as the teacher's run did
+    teacher = _build(str(tmp_path), model_name=None, mean=config['mean'], std=config['std'])
+    _same_logits(teacher, trained, _x(size=32))

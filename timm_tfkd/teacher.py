@@ -14,7 +14,7 @@ from .checkpoint_io import extract_state_dict, read_checkpoint, sha256_file
 from .data_config import channel_stats
 from .dtypes import DTYPES
 from .errors import CheckpointError, RunFolderError, TeacherError
-from .run_folder import RunFolder
+from .run_folder import RunFolder, architecture_kwargs
 
 _logger = logging.getLogger(__name__)
 
@@ -310,9 +310,11 @@ def create_self_teacher(
         model_name = model_name or run_args.get('model')
         if not model_name:
             raise TeacherError(f"cannot tell the architecture of teacher '{source}': give the teacher model name")
+        # The network its run trained (global pool, batch-norm eps, model kwargs shape its logits), when the
+        # checkpoint is of that architecture.
+        trained_args = run_args if run_args.get('model') == model_name else {}
         try:
-            model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **run_args.get(
-                'model_kwargs', {}))
+            model = create_model(model_name, **architecture_kwargs(trained_args, num_classes, in_chans))
         except RuntimeError as e:
             raise TeacherError(f"unknown teacher model '{model_name}': {e}") from None
         try:
