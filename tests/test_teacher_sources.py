@@ -158,7 +158,7 @@ def test_source_missing_from_the_cache_is_one_line(source, named):
 
 
 def _missing_teacher_run(tmp_path: Path) -> list:
-    data = write_image_folder(tmp_path / 'data', per_class=2)
+    data = write_image_folder(tmp_path / 'data', per_class=3)  # 9 images: one batch of 8
     return tiny_args(data, tmp_path / 'out', 'missing-teacher', '--tfkd-mode', 'self', '--tfkd-teacher-checkpoint',
                      f'hf-hub:{HUB_REPO}-missing')
 

@@ -34,9 +34,9 @@ def paths(tmp_path_factory) -> SimpleNamespace:
     teachers = root / 'teachers'
     teachers.mkdir()
     return SimpleNamespace(
-        data=write_image_folder(root / 'data', per_class=2),
-        gray=write_image_folder(root / 'gray', per_class=2, channels=1),
-        no_val=write_image_folder(root / 'no-val', per_class=2, splits=('train',)),
+        data=write_image_folder(root / 'data', per_class=3),  # 9 images: one batch of 8
+        gray=write_image_folder(root / 'gray', per_class=3, channels=1),
+        no_val=write_image_folder(root / 'no-val', per_class=3, splits=('train',)),
         empty=empty,
         missing=root / 'does-not-exist',
         corrupt=corrupt,

@@ -7,12 +7,15 @@ import re
 from typing import Any, Dict
 
 import torch
+import torch.nn as nn
 from timm.models import clean_state_dict
 
 from .errors import CheckpointError
 
 STATE_DICT_KEYS = ('state_dict', 'model', 'module')
 EMA_STATE_DICT_KEYS = ('state_dict_ema', 'model_ema')
+# The trainer stores a checksum of each set of weights in the checkpoint beside them (state_dict -> its checksum).
+WEIGHTS_CHECKSUM_KEYS = {'state_dict': 'state_dict_sha256', 'state_dict_ema': 'state_dict_ema_sha256'}
 
 
 def sha256_file(path: str) -> str:
@@ -24,8 +27,73 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's names and tensor bytes, in name order (independent of the file format)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        digest.update(key.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+    return digest.hexdigest()
+
+
+def add_weights_checksums(checkpoint: Dict[str, Any]) -> None:
+    """Store beside each set of weights of a training checkpoint the checksum :func:`read_checkpoint` verifies."""
+    for weights_key, checksum_key in WEIGHTS_CHECKSUM_KEYS.items():
+        if isinstance(checkpoint.get(weights_key), dict):
+            checkpoint[checksum_key] = state_dict_sha256(checkpoint[weights_key])
+
+
+def _verify_weights_checksums(checkpoint: Dict[str, Any], path: str) -> None:
+    for weights_key, checksum_key in WEIGHTS_CHECKSUM_KEYS.items():
+        recorded = checkpoint.get(checksum_key)
+        if recorded is not None and state_dict_sha256(checkpoint.get(weights_key) or {}) != recorded:
+            raise CheckpointError(
+                f"checkpoint '{path}' is damaged: its {weights_key} does not match the checksum recorded when it was "
+                f"saved; use another checkpoint of the run (e.g. checkpoint-N.pth.tar)")
+
+
+def describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor], model_name: str, subject: str,
+                      target: str) -> str:
+    """One line saying how a state dict differs from a model: classes, input channels, or the first differences.
+
+    Args:
+        model: The model the weights should fit.
+        state_dict: The weights.
+        model_name: The model's architecture, for the message.
+        subject: What the weights are, e.g. ``teacher checkpoint``.
+        target: What they should fit, e.g. ``the student``.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    own = model.state_dict()
+    classifier = cfg.get('classifier')
+    classifier = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
+    first_conv = cfg.get('first_conv')
+    first_conv = first_conv[0] if isinstance(first_conv, (list, tuple)) else first_conv
+    head_key = f'{classifier}.weight'
+    if head_key in state_dict and head_key in own and state_dict[head_key].shape[0] != own[head_key].shape[0]:
+        return (f'{subject} has {state_dict[head_key].shape[0]} classes ({head_key} '
+                f'{tuple(state_dict[head_key].shape)}) but {target} has {own[head_key].shape[0]}')
+    conv_key = f'{first_conv}.weight'
+    if conv_key in state_dict and conv_key in own and state_dict[conv_key].shape[1] != own[conv_key].shape[1]:
+        return (f'{subject} has {state_dict[conv_key].shape[1]} input channels ({conv_key} '
+                f'{tuple(state_dict[conv_key].shape)}) but {target} has {own[conv_key].shape[1]}')
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} missing keys (e.g. {missing[0]})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
+    if shapes:
+        parts.append(f'{len(shapes)} shape mismatches (e.g. {shapes[0]}: checkpoint '
+                     f'{tuple(state_dict[shapes[0]].shape)}, model {tuple(own[shapes[0]].shape)})')
+    return f"{subject} does not fit architecture '{model_name}': " + ', '.join(parts)
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a checkpoint file without executing pickled code.
+    """Load a checkpoint file without executing pickled code, verifying the checksums the trainer stored in it.
 
     Args:
         path: A ``.safetensors`` file or a torch file (``.pth``, ``.pth.tar``, ``.bin``).
@@ -34,7 +102,8 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         The loaded mapping (for safetensors, the tensors themselves).
 
     Raises:
-        CheckpointError: The file is missing, corrupt, or holds objects other than tensors and plain containers.
+        CheckpointError: The file is missing, corrupt or damaged (weights that no longer match their checksum), or
+            holds objects other than tensors and plain containers.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
@@ -58,6 +127,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a torch file: {type(e).__name__}: {e}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a state dict")
+    _verify_weights_checksums(checkpoint, path)
     return checkpoint
 
 

@@ -60,3 +60,16 @@ class HubUploadError(TfKDError, RuntimeError):
         self.folder = folder
         self.repo_id = repo_id
         self.retry_command = retry_command
+
+
+class RunStopped(TfKDError):
+    """Training stopped part way by a signal or a fault (e.g. a full disk); the run folder holds its last good
+    checkpoint and the message says how to resume.
+
+    Attributes:
+        signal_number: The signal that stopped it (SIGINT, SIGTERM), or None for a fault.
+    """
+
+    def __init__(self, message: str, signal_number=None):
+        super().__init__(message)
+        self.signal_number = signal_number

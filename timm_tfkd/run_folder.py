@@ -6,12 +6,16 @@ A run folder is timm's ``train.py`` layout (``args.yaml``, ``summary.csv``, ``la
 writes it; export, evaluation, the study and teachers read it, all through this module.
 """
 import csv
+import datetime
+import fcntl
 import glob
 import json
 import os
+import socket
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import timm
 import torch.nn as nn
@@ -27,6 +31,11 @@ RUN_INFO_FILE = 'run_info.json'
 LAST_CHECKPOINT = 'last.pth.tar'
 BEST_CHECKPOINT = 'model_best.pth.tar'
 RECOVERY_PREFIX = 'recovery'
+# Held (flock) by the process training in the folder, for the whole run; the kernel releases it when that process
+# ends in any way, so a lock left by a killed run is never in the way.
+LOCK_FILE = '.lock'
+# One line per later invocation of the run (a resume), so args.yaml keeps recording how the run began.
+INVOCATIONS_FILE = 'invocations.jsonl'
 # The validation metrics every run reports (summary.csv has them as eval_<name>, and eval_ema_<name> with an EMA).
 METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
 
@@ -56,6 +65,8 @@ class RunRecord:
         final_metrics: Validation metrics of the last validated epoch.
         final_ema_metrics: The same for the EMA weights, when validated.
         best_epoch: Epoch of ``model_best.pth.tar``.
+        epochs_trained: Epochs completed so far.
+        finished: Whether the run trained every epoch of its schedule (False while running, or when stopped).
     """
     model: str
     num_classes: int
@@ -72,6 +83,8 @@ class RunRecord:
     final_metrics: Optional[Dict[str, float]] = None
     final_ema_metrics: Optional[Dict[str, float]] = None
     best_epoch: Optional[int] = None
+    epochs_trained: Optional[int] = None
+    finished: Optional[bool] = None
 
     REQUIRED = ('model', 'num_classes', 'in_chans', 'data_config', 'tfkd')
 
@@ -187,6 +200,58 @@ class RunFolder:
         """``args.yaml``, the settings as YAML (readable back with ``-c``)."""
         with self.file(ARGS_FILE).open('w', encoding='utf-8') as f:
             f.write(text)
+
+    def append_invocation(self, entry: Mapping[str, Any]) -> None:
+        """Record a later invocation of the run (``invocations.jsonl``, one JSON object per line)."""
+        with self.file(INVOCATIONS_FILE).open('a', encoding='utf-8') as f:
+            f.write(json.dumps(entry) + '\n')
+
+    # -- who trains in it -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process: create it if needed and take its lock until the block ends.
+
+        Raises:
+            RunFolderError: Another process holds it (the message says which and since when).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.file(LOCK_FILE)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+                os.close(fd)
+                raise RunFolderError(f"run folder '{self.path}' is in use by {holder}; wait for that run to end or "
+                                     f"choose another --experiment") from None
+            # The holder before us removes the file on release: lock the file that is there now, not an old one.
+            if os.path.exists(path) and os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+            os.close(fd)
+        started = datetime.datetime.now().isoformat(timespec='seconds')
+        os.ftruncate(fd, 0)
+        os.write(fd, f'process {os.getpid()} on {socket.gethostname()} (since {started})'.encode())
+        try:
+            yield
+        finally:
+            os.remove(path)
+            os.close(fd)  # releases the lock
+
+    def holder(self) -> Optional[str]:
+        """Who trains in the folder now, or None when no process holds it."""
+        path = self.file(LOCK_FILE)
+        if not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+        finally:
+            os.close(fd)
 
     # -- summary.csv --------------------------------------------------------------------------------------------
 

@@ -1,5 +1,4 @@
 """The frozen teacher of Tf-KD-self and KD: built once, always in eval, never trained, saved or wrapped."""
-import hashlib
 import logging
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -10,7 +9,7 @@ from timm.data import resolve_data_config
 from timm.layers import BatchNormAct2d
 from timm.models import create_model
 
-from .checkpoint_io import extract_state_dict, read_checkpoint, sha256_file
+from .checkpoint_io import describe_mismatch, extract_state_dict, read_checkpoint, sha256_file, state_dict_sha256
 from .data_config import channel_stats
 from .dtypes import DTYPES
 from .errors import CheckpointError, RunFolderError, TeacherError
@@ -24,45 +23,6 @@ HUB_PREFIXES = ('hf-hub:', 'local-dir:')
 # ~1e-4, so the check uses the TF32 bound there.
 FP32_RTOL = 1e-5
 TF32_RTOL = 2e-3
-
-
-def _state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
-        digest.update(key.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
-    return digest.hexdigest()
-
-
-def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor], model_name: str) -> str:
-    """One line saying how a state dict differs from a model: classes, channels, or architecture."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    own = model.state_dict()
-    classifier = cfg.get('classifier')
-    classifier = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
-    first_conv = cfg.get('first_conv')
-    first_conv = first_conv[0] if isinstance(first_conv, (list, tuple)) else first_conv
-    head_key = f'{classifier}.weight'
-    if head_key in state_dict and head_key in own and state_dict[head_key].shape[0] != own[head_key].shape[0]:
-        return (f'teacher checkpoint has {state_dict[head_key].shape[0]} classes ({head_key} '
-                f'{tuple(state_dict[head_key].shape)}) but the student has {own[head_key].shape[0]}')
-    conv_key = f'{first_conv}.weight'
-    if conv_key in state_dict and conv_key in own and state_dict[conv_key].shape[1] != own[conv_key].shape[1]:
-        return (f'teacher checkpoint has {state_dict[conv_key].shape[1]} input channels ({conv_key} '
-                f'{tuple(state_dict[conv_key].shape)}) but the student has {own[conv_key].shape[1]}')
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    parts = []
-    if missing:
-        parts.append(f'{len(missing)} missing keys (e.g. {missing[0]})')
-    if unexpected:
-        parts.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
-    if shapes:
-        parts.append(f'{len(shapes)} shape mismatches (e.g. {shapes[0]}: checkpoint '
-                     f'{tuple(state_dict[shapes[0]].shape)}, model {tuple(own[shapes[0]].shape)})')
-    return f"teacher checkpoint does not fit architecture '{model_name}': " + ', '.join(parts)
 
 
 def fold_batch_norms(model: nn.Module, example_input: torch.Tensor) -> int:
@@ -320,12 +280,13 @@ def create_self_teacher(
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError:
-            raise TeacherError(_describe_mismatch(model, state_dict, model_name)) from None
+            raise TeacherError(describe_mismatch(model, state_dict, model_name, 'teacher checkpoint', 'the student')
+                               ) from None
         identity['model'] = model_name
     identity.setdefault('model', model_name or getattr(model, 'default_cfg', {}).get('architecture'))
     _check_fits_student(model, num_classes, in_chans, identity.get('source', str(source)))
     if 'sha256' not in identity:
-        identity['sha256'] = _state_dict_sha256(model.state_dict())
+        identity['sha256'] = state_dict_sha256(model.state_dict())
 
     if teacher_mean is None or teacher_std is None:
         # The teacher saw what its own run normalized with: the run's args, else the model's config.

@@ -49,9 +49,14 @@ def create_precision(args: argparse.Namespace, device: torch.device) -> Precisio
     return Precision(model_dtype, partial(torch.autocast, device_type=device.type, dtype=amp_dtype), scaler)
 
 
+def student_in_chans(args: argparse.Namespace) -> int:
+    """Input channels as timm's ``train.py`` reads them: ``--in-chans``, else ``--input-size``'s, else 3."""
+    return args.in_chans or (args.input_size[0] if args.input_size else 3)
+
+
 def create_student(args: argparse.Namespace) -> nn.Module:
     """``timm.create_model`` with every model flag of timm's ``train.py``."""
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    in_chans = student_in_chans(args)
     overlay = dict(args.pretrained_cfg_overlay or {})
     if args.pretrained_path:
         overlay = dict(file=args.pretrained_path, num_classes=-1, **overlay)  # -1: adapt the head

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
+from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, Sampler
 
 from ..errors import UsageError
 
@@ -15,6 +16,14 @@ _logger = logging.getLogger(__name__)
 
 # timm accepts these names for the validation split of a folder dataset.
 _SPLIT_ALIASES = {'validation': ('validation', 'val', 'valid', 'eval', 'evaluation'), 'train': ('train', 'training')}
+
+
+@dataclass
+class Datasets:
+    """The training and validation datasets, read once, with the class names every split shares."""
+    train: Any
+    eval: Optional[Any]
+    class_names: List[str]
 
 
 @dataclass
@@ -84,6 +93,65 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
     return dataset
 
 
+def _listed(names: List[str]) -> str:
+    return ', '.join(names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+
+
+def check_same_classes(train_split: str, train_names: List[str], split: str, names: List[str]) -> None:
+    """Labels are indices into each split's own sorted class list: a class missing from one split (an empty or
+    absent folder) shifts every later label, so the splits must list the same classes.
+
+    Raises:
+        UsageError: One line naming the classes that differ.
+    """
+    if not train_names or not names or names == train_names:
+        return
+    only_train = [name for name in train_names if name not in names]
+    only_other = [name for name in names if name not in train_names]
+    parts = ([f"'{split}' lacks {_listed(only_train)}"] if only_train else []) + (
+        [f"'{train_split}' lacks {_listed(only_other)}"] if only_other else [])
+    if not parts:
+        parts = [f"'{split}' orders them differently"]
+    raise UsageError(f"the '{train_split}' and '{split}' splits have different classes: {'; '.join(parts)} "
+                     f"(an empty class folder counts as missing); every split needs the same class folders")
+
+
+def load_datasets(args: argparse.Namespace, in_chans: int) -> Datasets:
+    """Read the training and validation splits and check that they share one class list.
+
+    Raises:
+        UsageError: A missing or empty data folder or split, or splits with different classes.
+    """
+    input_img_mode = args.input_img_mode or ('RGB' if in_chans == 3 else 'L')
+    train = create_split_dataset(args, args.train_split, True, input_img_mode)
+    evaluation = create_split_dataset(args, args.val_split, False, input_img_mode) if args.val_split else None
+    names = class_names(train)
+    if evaluation is not None:
+        check_same_classes(args.train_split, names, args.val_split, class_names(evaluation))
+    return Datasets(train, evaluation, names)
+
+
+def resolve_num_classes(args: argparse.Namespace, names: List[str]) -> Optional[str]:
+    """Take ``--num-classes`` from the data when it is not given; refuse a count the data contradicts.
+
+    Returns:
+        A line for the log when the count was taken from the data or could not be checked, else None.
+
+    Raises:
+        UsageError: ``--num-classes`` differs from the number of classes in the training split.
+    """
+    if not names:
+        return (f"the dataset does not name its classes: --num-classes {args.num_classes} cannot be checked"
+                if args.num_classes else None)
+    if args.num_classes is None:
+        args.num_classes = len(names)
+        return f"{len(names)} classes in the '{args.train_split}' split ({_listed(names)}): --num-classes {len(names)}"
+    if args.num_classes != len(names):
+        raise UsageError(f"--num-classes {args.num_classes} does not match the {len(names)} classes of the "
+                         f"'{args.train_split}' split ({_listed(names)}); drop --num-classes to take it from the data")
+    return None
+
+
 def mixup_settings(args: argparse.Namespace, smoothing: float) -> Optional[Dict[str, Any]]:
     """timm's Mixup / CutMix arguments, or None when both are off."""
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
@@ -102,6 +170,7 @@ def mixup_settings(args: argparse.Namespace, smoothing: float) -> Optional[Dict[
 
 def create_train_data(
         args: argparse.Namespace,
+        datasets: Datasets,
         data_config: Dict[str, Any],
         mixup_smoothing: float,
         device: torch.device,
@@ -111,17 +180,16 @@ def create_train_data(
 
     Args:
         args: Parsed trainer arguments (``args.prefetcher``, ``args.distributed`` already set).
+        datasets: The splits from :func:`load_datasets`.
         data_config: The resolved data config, channel statistics fitted.
         mixup_smoothing: Label smoothing folded into Mixup / CutMix targets.
         device: The training device.
         model_dtype: The model's dtype, for the images.
 
     Raises:
-        UsageError: A missing or empty data folder or split.
+        UsageError: The training split holds fewer images than one batch.
     """
-    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
-    dataset_train = create_split_dataset(args, args.train_split, True, input_img_mode)
-    dataset_eval = create_split_dataset(args, args.val_split, False, input_img_mode) if args.val_split else None
+    dataset_train, dataset_eval = datasets.train, datasets.eval
 
     mixup_args = mixup_settings(args, mixup_smoothing)
     collate_fn = mixup_fn = None
@@ -172,12 +240,16 @@ def create_train_data(
         use_multi_epochs_loader=args.use_multi_epochs_loader,
         **common,
     )
+    if len(loader_train) == 0:
+        per_process = f' ({len(loader_train.sampler)} per process)' if args.distributed else ''
+        raise UsageError(f"the '{args.train_split}' split has {len(dataset_train)} images{per_process}, fewer than one "
+                         f"batch of --batch-size {args.batch_size}: no training step would run; lower --batch-size")
     loader_eval = None
     if dataset_eval is not None:
         loader_eval = create_eval_loader(
             dataset_eval, data_config, args.validation_batch_size or args.batch_size, args.workers, device,
             model_dtype, args.prefetcher, distributed=args.distributed, pin_memory=args.pin_mem)
-    return TrainData(loader_train, loader_eval, mixup_fn, class_names(dataset_train), len(dataset_train))
+    return TrainData(loader_train, loader_eval, mixup_fn, datasets.class_names, len(dataset_train))
 
 
 def create_eval_loader(
@@ -211,38 +283,44 @@ def create_eval_loader(
     )
 
 
-class SampleIndexRecorder:
-    """Records the dataset indices a training loader's sampler draws, so each batch's indices can be taken back.
+class TrainSampler(Sampler[int]):
+    """The training order of a run, installed inside the training loader's batch sampler (timm's loader unchanged).
 
-    It replaces the sampler inside the loader's batch sampler and passes every index through, in order. The loader
-    delivers batches in the order their indices were drawn, so the first ``n`` recorded indices are those of the
-    next batch of ``n`` samples; a new pass over the sampler (an epoch) starts a new record, which also drops the
-    indices of a last partial batch the loader discarded.
+    - The order is a permutation fixed by the seed and the epoch (as timm's distributed sampler draws it, also on
+      one process), so it does not depend on what else drew from the global random state, and an epoch resumed
+      from a recovery checkpoint sees the same batches as an uninterrupted one.
+    - :meth:`skip_next` makes the next pass start after the samples an interrupted epoch already trained on,
+      without reading them (reading would draw augmentations from the random state the checkpoint restored).
+    - It records the indices it draws, so each batch's dataset indices can be taken back (:meth:`take`): the loader
+      delivers batches in the order their indices were drawn.
 
     Args:
-        loader: A training loader from timm's ``create_loader`` (with or without the prefetcher).
-
-    Raises:
-        UsageError: The loader has no batch sampler to record from, or repeats epochs without restarting its sampler
-            (``--use-multi-epochs-loader``).
+        sampler: The sampler the loader was built with (a distributed or repeated-augmentation sampler is kept).
+        dataset: The training dataset.
+        seed: Seed of the order on one process.
     """
 
-    def __init__(self, loader: Any):
-        data_loader = getattr(loader, 'loader', loader)  # timm's PrefetchLoader wraps the DataLoader
-        batch_sampler = getattr(data_loader, 'batch_sampler', None)
-        if batch_sampler is None or not hasattr(batch_sampler, 'sampler') or \
-                type(batch_sampler).__name__ == '_RepeatSampler':
-            raise UsageError('this --tfkd-mode needs the dataset index of every sample, which this loader cannot '
-                             'give (drop --use-multi-epochs-loader)')
-        self._sampler = batch_sampler.sampler
+    def __init__(self, sampler: Sampler, dataset: Any, seed: int):
+        if not hasattr(sampler, 'set_epoch'):  # the one-process random sampler draws from the global random state
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self._sampler = sampler
+        self._skip = 0
         self._drawn: deque = deque()
-        batch_sampler.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self._sampler.set_epoch(epoch)
+
+    def skip_next(self, count: int) -> None:
+        """Leave out the first ``count`` samples of the next pass."""
+        self._skip = count
 
     def __iter__(self) -> Iterator[int]:
-        self._drawn.clear()
-        for index in self._sampler:
-            self._drawn.append(index)
-            yield index
+        self._drawn.clear()  # also drops the indices of a last partial batch the loader discarded
+        skip, self._skip = self._skip, 0
+        for position, index in enumerate(self._sampler):
+            if position >= skip:
+                self._drawn.append(index)
+                yield index
 
     def __len__(self) -> int:
         return len(self._sampler)
@@ -252,3 +330,19 @@ class SampleIndexRecorder:
         if count > len(self._drawn):
             raise RuntimeError(f'{count} sample indices asked for, {len(self._drawn)} recorded')
         return torch.tensor([self._drawn.popleft() for _ in range(count)], dtype=torch.int64)
+
+
+def install_train_sampler(loader: Any, seed: int) -> Optional[TrainSampler]:
+    """Put a :class:`TrainSampler` inside a training loader from timm's ``create_loader``.
+
+    Returns:
+        The sampler, or None for loaders whose order it cannot own: iterable datasets, and
+        ``--use-multi-epochs-loader`` (its workers draw the next epoch before the loop starts it).
+    """
+    data_loader = getattr(loader, 'loader', loader)  # timm's PrefetchLoader wraps the DataLoader
+    batch_sampler = getattr(data_loader, 'batch_sampler', None)
+    if isinstance(data_loader.dataset, IterableDataset) or not isinstance(batch_sampler, BatchSampler):
+        return None
+    sampler = TrainSampler(batch_sampler.sampler, data_loader.dataset, seed)
+    batch_sampler.sampler = sampler
+    return sampler

@@ -6,7 +6,7 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,11 +14,21 @@ from timm.task import TrainingTask
 from timm.utils import dispatch_clip_grad
 
 from ..errors import NonFiniteLossError
-from ..tasks import EpochHooks
-from .data import SampleIndexRecorder
+from ..tasks import EpochHooks, SampleIndexed
+from .data import TrainSampler
 from .metrics import ClassificationMetrics
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got, saved in its recovery checkpoints so that the resumed epoch ends as an uninterrupted
+    one would: the batches trained and the running sums of the epoch's logged losses."""
+    batches: int = 0
+    loss_sum: float = 0.0
+    part_sums: Tuple[float, float] = (0.0, 0.0)  # task_loss and kd_loss, each weighted by batch size
+    samples: int = 0
 
 
 @dataclass
@@ -34,9 +44,9 @@ class LoopContext:
     mixup_fn: Optional[Callable] = None
     model_dtype: Optional[torch.dtype] = None
     is_primary: bool = True
-    save_recovery: Optional[Callable[[int, int], None]] = None
+    save_recovery: Optional[Callable[[int, int, EpochProgress], None]] = None
     num_epochs: int = 0
-    sample_index: Optional[SampleIndexRecorder] = None
+    train_sampler: Optional[TrainSampler] = None
 
 
 class Progress:
@@ -92,11 +102,17 @@ def _backward_and_step(ctx: LoopContext, loss: torch.Tensor, need_update: bool) 
         ctx.optimizer.step()
 
 
-def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
+def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[EpochProgress] = None) -> Dict[str, float]:
     """Train one epoch with gradient accumulation, AMP, EMA updates and the LR schedule stepped per update.
 
     A task with :class:`~timm_tfkd.tasks.EpochHooks` is told when the epoch starts and ends; one that is
     :class:`~timm_tfkd.tasks.SampleIndexed` gets each batch's dataset indices before its forward.
+
+    Args:
+        ctx: What stays fixed across epochs.
+        loader: The training loader; when resuming, its sampler already skips the batches ``resumed`` trained.
+        epoch: The epoch (0-based).
+        resumed: Progress of this epoch restored from a recovery checkpoint.
 
     Returns:
         Mean ``loss``, ``task_loss`` and ``kd_loss`` over the epoch (averaged across ranks).
@@ -111,26 +127,29 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
         elif ctx.mixup_fn is not None:
             ctx.mixup_fn.mixup_enabled = False
     task.train()
-    if isinstance(task, EpochHooks):
+    resumed = resumed or EpochProgress()
+    if isinstance(task, EpochHooks) and not resumed.batches:
         task.on_epoch_start(epoch, ctx.num_epochs)
     accum_steps = args.grad_accum_steps
-    num_batches = len(loader)
+    num_batches = len(loader)  # the whole epoch's, also when resumed part way
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
-    num_updates = epoch * updates_per_epoch
+    num_updates = epoch * updates_per_epoch + resumed.batches // accum_steps
     last_accum_start = num_batches - num_batches % accum_steps
     has_no_sync = args.distributed and hasattr(task.get_trainable_module(), 'no_sync')
+    indexed = isinstance(task, SampleIndexed)
     progress = Progress(ctx.is_primary, args.log_interval)
 
     # The loss is read every step (as timm does) to stop on NaN; its parts are summed on the device, unsynced.
-    loss_sum, part_sums, samples = 0.0, torch.zeros(2, dtype=torch.float64, device=ctx.device), 0
+    loss_sum, samples = resumed.loss_sum, resumed.samples
+    part_sums = torch.tensor(resumed.part_sums, dtype=torch.float64, device=ctx.device)
     no_part = torch.zeros((), device=ctx.device)
     ctx.optimizer.zero_grad()
-    start = time.perf_counter()
-    for batch_idx, (input, target) in enumerate(loader):
+    start, samples_now = time.perf_counter(), 0
+    for batch_idx, (input, target) in enumerate(loader, start=resumed.batches):
         steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
         need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
-        if ctx.sample_index is not None:
-            task.set_sample_index(ctx.sample_index.take(input.shape[0]))
+        if indexed:
+            task.set_sample_index(ctx.train_sampler.take(input.shape[0]))
         input, target = _prepare_batch(ctx, input, target)
         with task.no_sync() if has_no_sync and not need_update else nullcontext():
             with ctx.amp_autocast():
@@ -143,6 +162,7 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
                                      f'the last saved checkpoint is unchanged')
         batch_size = input.shape[0]
         samples += batch_size
+        samples_now += batch_size
         loss_sum += loss_value * batch_size
         part_sums += torch.stack([result.get('task_loss', loss).detach(), result.get('kd_loss', no_part).detach()
                                   ]).double() * batch_size
@@ -154,7 +174,8 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
                 torch.cuda.synchronize()
             update_idx = batch_idx // accum_steps
             if ctx.save_recovery and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
-                ctx.save_recovery(epoch, update_idx)
+                ctx.save_recovery(epoch, update_idx, EpochProgress(
+                    batch_idx + 1, loss_sum, tuple(part_sums.tolist()), samples))
             if ctx.lr_scheduler is not None:
                 ctx.lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / samples)
         if ctx.is_primary and (progress.live or batch_idx % progress.interval == 0 or batch_idx + 1 == num_batches):
@@ -162,7 +183,7 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int) -> Dict[str, float]:
             lr = ctx.optimizer.param_groups[0]['lr']
             progress.update(f'Train: {epoch}', batch_idx, num_batches,
                             f'Loss: {loss_value:#.3g} ({loss_sum / samples:#.3g})  '
-                            f'{samples * args.world_size / elapsed:>7.1f} img/s  LR: {lr:.3e}')
+                            f'{samples_now * args.world_size / elapsed:>7.1f} img/s  LR: {lr:.3e}')
     if hasattr(ctx.optimizer, 'sync_lookahead'):
         ctx.optimizer.sync_lookahead()
     if isinstance(task, EpochHooks):

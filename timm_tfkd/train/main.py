@@ -1,51 +1,55 @@
 """``train_tfkd.py`` / ``timm-tfkd-train``: set up a run from the arguments, train it, record it, publish it.
 
-:func:`train` reads as four steps: :func:`_set_up` (arguments, device, processes), :func:`_prepare` (model, data,
-task, optimizer, where the run writes and what it resumes), :func:`_train_epochs` (the loop, writing the run folder
-through :mod:`timm_tfkd.run_folder`) and :func:`_finish` (the final line and the Hub).
+:func:`train` reads as four steps: :func:`_set_up` (arguments, device, processes), :func:`_prepare` (data, model,
+task, optimizer, schedule, where the run writes and what it continues), :func:`_train_epochs` (the loop, writing
+the run folder through :mod:`timm_tfkd.run_folder`) and :func:`_finish` (the final line and the Hub). Everything
+that can be refused is refused before the run folder is touched.
 """
 import argparse
 import datetime
+import errno
+import glob
 import importlib
 import logging
 import os
+import shutil
+import signal
 import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from timm import __version__ as timm_version
-from timm.models import safe_model_name
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.task import TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.task import TrainingTask
 from timm.utils import distribute_bn, init_distributed_device, is_primary, random_seed, update_summary
 from timm.utils.log import FormatterNoInfo
 
 from ..data_config import resolve_student_data_config
-from ..errors import HubUploadError, NonFiniteLossError, TfKDError, UsageError
+from ..errors import HubUploadError, NonFiniteLossError, RunStopped, TfKDError, UsageError
 from ..methods import get_method
 from ..run_folder import SUMMARY_FILE, RunFolder, RunRecord
 from ..tasks import SampleIndexed
 from ..version import __version__
-from .build import Precision, create_optimizer, create_precision, create_student, create_task, place_model, resolve_lr
-from .checkpoint import check_resume_path, create_saver, load_rng_state, restore_rng_state
+from .build import (
+    Precision, create_optimizer, create_precision, create_student, create_task, place_model, resolve_lr,
+    student_in_chans,
+)
+from .checkpoint import create_saver, load_resume_point, restore_ema, restore_rng_state, restore_training_state
 from .config import CommandLine, parse_args
-from .data import SampleIndexRecorder, TrainData, create_train_data, mixup_settings
+from .data import TrainData, TrainSampler, create_train_data, install_train_sampler, load_datasets, mixup_settings, \
+    resolve_num_classes
 from .engine import LoopContext, train_one_epoch, validate
-from .policy import check_smoothing, check_supported, mixup_smoothing, resolve_smoothing
-from .publish import check_hub_args, publish_run
+from .flags import create_parser
+from .policy import check_config, check_smoothing, mixup_smoothing, resolve_smoothing
+from .publish import publish_run
+from .resume import RunPlan, plan_run
 
 _logger = logging.getLogger('train_tfkd')
 
 DECREASING_METRICS = ('loss', 'nll', 'ece')
-
-
-@dataclass
-class RunPlan:
-    """Where a run writes and what it resumes from, decided before anything is written."""
-    folder: RunFolder
-    resume_path: Optional[str]
 
 
 @dataclass
@@ -58,42 +62,24 @@ class Run:
     precision: Precision
     data_config: Dict[str, Any]
     data: TrainData
+    train_sampler: Optional[TrainSampler]
     task: TrainingTask
     optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    num_epochs: int
+    updates_per_epoch: int
     smoothing: float
     plan: RunPlan
-    resume_epoch: Optional[int] = None
 
+    @property
+    def start_epoch(self) -> int:
+        if self.args.start_epoch is not None:
+            return self.args.start_epoch
+        return self.plan.resume.epoch if self.plan.resume else 0
 
-def _plan_output(args: argparse.Namespace, data_config: Dict[str, Any]) -> RunPlan:
-    """The run folder (timm's naming) and the checkpoint to resume from, without creating anything."""
-    root = args.output or './output/train'
-    if args.experiment:
-        name = args.experiment
-    elif args.resume == 'auto' and os.path.isdir(root):
-        # No name given: resume the newest earlier run of this model that has a checkpoint.
-        runs = [os.path.join(root, d) for d in os.listdir(root) if safe_model_name(args.model) in d]
-        runs = [r for r in runs if RunFolder(r).resume_checkpoint()]
-        name = os.path.basename(max(runs, key=os.path.getmtime)) if runs else None
-    else:
-        name = None
-    name = name or '-'.join([datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
-                             str(data_config['input_size'][-1])])
-    output_dir = os.path.join(root, name)
-    if args.resume == 'auto':
-        found = RunFolder(output_dir).resume_checkpoint()
-        resume_path = str(found) if found else None
-    else:
-        resume_path = args.resume or None
-    if resume_path:
-        check_resume_path(resume_path)
-    elif os.path.exists(output_dir) and args.resume != 'auto':
-        # A fresh run never writes into an earlier run's folder: add a suffix as timm does.
-        suffix = 1
-        while os.path.exists(f'{output_dir}-{suffix}'):
-            suffix += 1
-        output_dir = f'{output_dir}-{suffix}'
-    return RunPlan(RunFolder(output_dir), resume_path)
+    @property
+    def end_epoch(self) -> int:
+        return min(self.num_epochs, self.args.stop_epoch) if self.args.stop_epoch is not None else self.num_epochs
 
 
 def _select_device(args: argparse.Namespace, explicit: set) -> None:
@@ -103,29 +89,51 @@ def _select_device(args: argparse.Namespace, explicit: set) -> None:
         args.device = 'cpu'
 
 
-def _set_up(command_line: CommandLine) -> argparse.Namespace:
-    """Check the arguments, pick the device, start the processes of a distributed run and seed them."""
+def _set_up(command_line: CommandLine) -> Tuple[argparse.Namespace, List[str]]:
+    """Check the arguments, pick the device, start the processes of a distributed run and seed them.
+
+    Returns:
+        The arguments and the warnings to log once every check has passed (a refused run prints one line only).
+    """
     args, explicit = command_line.args, command_line.explicit
-    check_supported(args)
-    check_hub_args(args)
+    warnings = check_config(args, explicit)
     for module in args.device_modules or ():
         importlib.import_module(module)
     _select_device(args, explicit)
     args.prefetcher = not args.no_prefetcher
-    args.grad_accum_steps = max(1, args.grad_accum_steps)
-    init_distributed_device(args)
+    try:
+        init_distributed_device(args)
+    except RuntimeError as e:  # e.g. a device string torch does not know
+        raise UsageError(f"--device {args.device}: {' '.join(str(e).split())}") from None
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     random_seed(args.seed, args.rank)
-    return args
+    return args, warnings
+
+
+def _option_strings() -> Dict[str, str]:
+    return {action.dest: action.option_strings[-1] for action in create_parser()._actions if action.option_strings}
+
+
+def _create_schedule(args: argparse.Namespace, optimizer, updates_per_epoch: int, decreasing: bool):
+    try:
+        return create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
+                                   updates_per_epoch=updates_per_epoch)
+    except ValueError as e:  # an unknown --sched, or settings the schedule cannot take
+        raise UsageError(f'--sched {args.sched}: {e}') from None
 
 
 def _prepare(command_line: CommandLine) -> Run:
-    """Build model, data, task and optimizer, and decide where the run writes and what it resumes from."""
+    """Read the data, build model, task, optimizer and schedule, and decide where the run writes and what it
+    continues; every check of the data and the checkpoint to resume happens here, before anything is written."""
     args = command_line.args
     device = torch.device(args.device)
     primary = is_primary(args)
     precision = create_precision(args, device)
+    datasets = load_datasets(args, student_in_chans(args))
+    classes_note = resolve_num_classes(args, datasets.class_names)
+    if primary and classes_note:
+        _logger.info(classes_note)
     model = create_student(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
@@ -138,30 +146,50 @@ def _prepare(command_line: CommandLine) -> Run:
     check_smoothing(args, smoothing)
     mixup_active = mixup_settings(args, 0.0) is not None
     model = place_model(args, model, device, precision.model_dtype)
-    data = create_train_data(args, data_config, mixup_smoothing(args, smoothing), device, precision.model_dtype)
+    data = create_train_data(args, datasets, data_config, mixup_smoothing(args, smoothing), device,
+                             precision.model_dtype)
+    train_sampler = install_train_sampler(data.loader_train, args.seed)
     task = create_task(args, model, smoothing, mixup_active, data_config, data.num_train_samples, device,
                        precision.model_dtype, primary)
+    if isinstance(task, SampleIndexed) and train_sampler is None:
+        raise UsageError(f'--tfkd-mode {args.tfkd_mode} needs the dataset index of every training sample, which this '
+                         f'loader cannot give (an iterable dataset or --use-multi-epochs-loader)')
     if primary:
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters. '
                      f'{smoothing_note}.')
     resolve_lr(args, args.batch_size)
     optimizer = create_optimizer(args, task)
-    return Run(args, command_line, device, primary, precision, data_config, data, task, optimizer, smoothing,
-               _plan_output(args, data_config))
+    eval_metric = args.eval_metric if data.loader_eval is not None else 'loss'
+    updates_per_epoch = (len(data.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = _create_schedule(args, optimizer, updates_per_epoch, eval_metric in DECREASING_METRICS)
+    plan = plan_run(args, command_line.yaml, data_config['input_size'][-1], _option_strings())
+    if plan.resume is not None and plan.resume.progress is not None and train_sampler is None:
+        plan.resume = _restart_epoch(plan)
+    return Run(args, command_line, device, primary, precision, data_config, data, train_sampler, task, optimizer,
+               lr_scheduler, num_epochs, updates_per_epoch, smoothing, plan)
+
+
+def _restart_epoch(plan: RunPlan):
+    """A recovery checkpoint, with a loader that cannot skip the batches already trained: restart the epoch from
+    the last epoch checkpoint (or from scratch before the first), and say so."""
+    last = plan.folder.checkpoint('last') if plan.folder.file('last.pth.tar').is_file() else None
+    _logger.warning(f"'{plan.resume.path}' stopped part way through epoch {plan.resume.epoch}, and this loader cannot "
+                    f"skip the batches already trained: epoch {plan.resume.epoch} is trained again from "
+                    f"{'its start (' + str(last) + ')' if last else 'scratch'}")
+    return load_resume_point(str(last)) if last else None
 
 
 def _resume_and_wrap(run: Run) -> None:
-    """Resume weights and optimizer, then EMA, compile and DDP, in timm's order."""
-    args, task = run.args, run.task
-    if run.plan.resume_path:
-        run.resume_epoch = resume_task_checkpoint(
-            task, run.plan.resume_path, optimizer=None if args.no_resume_opt else run.optimizer,
-            loss_scaler=None if args.no_resume_opt else run.precision.loss_scaler, log_info=run.primary)
+    """Resume weights, optimizer and schedule, then EMA, compile and DDP, in timm's order."""
+    args, task, point = run.args, run.task, run.plan.resume
+    if point is not None:
+        restore_training_state(task, point, None if args.no_resume_opt else run.optimizer,
+                               None if args.no_resume_opt else run.precision.loss_scaler)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-        if run.plan.resume_path:
-            load_task_ema_checkpoint(task, run.plan.resume_path)
+        if point is not None:
+            restore_ema(task, point)
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if task.has_ema():
@@ -169,9 +197,16 @@ def _resume_and_wrap(run: Run) -> None:
     if args.distributed:
         task.prepare_distributed(device_ids=[run.device] if run.device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
+    start = run.start_epoch
+    if run.lr_scheduler is not None and (start > 0 or (point and point.progress)):
+        if args.sched_on_updates:
+            done = point.progress.batches // args.grad_accum_steps if point and point.progress else 0
+            run.lr_scheduler.step_update(start * run.updates_per_epoch + done)
+        else:
+            run.lr_scheduler.step(start)
 
 
-def _record(run: Run, final, final_ema, best_epoch) -> RunRecord:
+def _record(run: Run, final, final_ema, best_epoch, epochs_trained: int) -> RunRecord:
     args, method = run.args, get_method(run.args.tfkd_mode)
     identity = getattr(getattr(run.task, 'teacher', None), 'identity', None)
     return RunRecord(
@@ -185,12 +220,14 @@ def _record(run: Run, final, final_ema, best_epoch) -> RunRecord:
         dataset=args.dataset or 'folder',
         train_split=args.train_split,
         eval_split=args.val_split,
-        epochs=args.epochs,
+        epochs=run.num_epochs,
         seed=args.seed,
         versions={'timm': timm_version, 'timm_tfkd': __version__, 'torch': torch.__version__},
         final_metrics=final,
         final_ema_metrics=final_ema,
         best_epoch=best_epoch,
+        epochs_trained=epochs_trained,
+        finished=epochs_trained >= run.num_epochs,
     )
 
 
@@ -207,62 +244,108 @@ def _validate(run: Run, ctx: LoopContext, eval_metric: str):
     return final, final_ema, latest
 
 
-def _train_epochs(run: Run) -> Tuple[Optional[Dict[str, float]], Optional[Dict[str, float]]]:
-    """The epoch loop; rank 0 writes the run folder. Returns the last validation metrics of the model and EMA."""
-    args, task, optimizer, plan = run.args, run.task, run.optimizer, run.plan
-    eval_metric = args.eval_metric if run.data.loader_eval is not None else 'loss'
-    decreasing = eval_metric in DECREASING_METRICS
-    updates_per_epoch = (len(run.data.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
-    start_epoch = args.start_epoch if args.start_epoch is not None else (run.resume_epoch or 0)
-    if lr_scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            lr_scheduler.step(start_epoch)
-    end_epoch = min(num_epochs, args.stop_epoch) if args.stop_epoch is not None else num_epochs
-    sample_index = SampleIndexRecorder(run.data.loader_train) if isinstance(task, SampleIndexed) else None
+@contextmanager
+def _run_folder(run: Run) -> Iterator[RunFolder]:
+    """The run folder, made (fresh run) and held by rank 0 for the whole block; every rank learns whether it got it.
 
-    # Everything that can fail on bad input has been built: only now does the run folder appear.
+    Raises:
+        UsageError: Another process trains in it.
+    """
+    with ExitStack() as stack:
+        folder, refusal = run.plan.folder, None
+        if run.primary:
+            try:
+                folder = run.plan.claim()
+                stack.enter_context(folder.lock())
+            except TfKDError as e:
+                refusal = str(e)
+        if run.args.distributed:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal:
+            raise UsageError(refusal)
+        yield folder
+
+
+@contextmanager
+def _writing(folder: RunFolder, what: str) -> Iterator[None]:
+    """Turn a failed write into a stopped run that names the last good checkpoint, after removing what the failed
+    write left half done (checkpoints are written to a temporary file and renamed, so nothing good is lost).
+
+    Raises:
+        RunStopped: The write failed (a full disk says so).
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        full = getattr(e, 'errno', None) == errno.ENOSPC or shutil.disk_usage(folder.path).free < 1 << 20
+        for leftover in glob.glob(str(folder.path / '*tmp*')):
+            os.remove(leftover)
+        reason = 'no space left on device' if full else ' '.join(str(e).split())[:200]
+        raise _stopped(folder, f'cannot write {what} ({reason})', None) from None
+
+
+def _start_record(run: Run, folder: RunFolder) -> None:
+    """``args.yaml`` for a run that begins here; a run continued in its folder appends this invocation instead."""
+    point = run.plan.resume
+    if run.plan.resumes_in_place and folder.file('args.yaml').is_file():
+        folder.append_invocation({
+            'started': datetime.datetime.now().isoformat(timespec='seconds'),
+            'resumed_from': os.path.basename(point.path) if point else None,
+            'epoch': run.start_epoch,
+            'batch': point.progress.batches if point and point.progress else 0,
+            'changed': {key: {'was': old, 'now': new} for key, (old, new) in run.plan.changes.items()},
+        })
+    else:
+        folder.write_args(run.command_line.yaml)
+
+
+def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[str, float]], Optional[Dict]]:
+    """The epoch loop; rank 0 writes ``folder``. Returns the last validation metrics of the model and its EMA."""
+    args, task, optimizer, point = run.args, run.task, run.optimizer, run.plan.resume
+    eval_metric = args.eval_metric if run.data.loader_eval is not None else 'loss'
+    start_epoch, end_epoch = run.start_epoch, run.end_epoch
     saver = None
-    if run.primary:
-        os.makedirs(plan.folder.path, exist_ok=True)
-        saver = create_saver(task, optimizer, args, str(plan.folder.path), run.precision.loss_scaler, decreasing)
-        if plan.resume_path and os.path.dirname(os.path.abspath(plan.resume_path)) == os.path.abspath(
-                plan.folder.path):
-            saver.load_state_dict_from_checkpoint(plan.resume_path)
+    if folder is not None:
+        saver = create_saver(task, optimizer, args, str(folder.path), run.precision.loss_scaler,
+                             eval_metric in DECREASING_METRICS)
+        if run.plan.resumes_in_place and point is not None and 'saver' in point.checkpoint:
+            saver.load_state_dict(point.checkpoint['saver'])
         # A folder resumed (or restarted by --resume auto) keeps only the rows of epochs it will not train again.
-        dropped = plan.folder.drop_summary_rows_from(start_epoch)
+        dropped = folder.drop_summary_rows_from(start_epoch)
         if dropped:
             _logger.info(f'{SUMMARY_FILE}: dropped {dropped} row(s) of epochs trained again from epoch {start_epoch}')
-        plan.folder.write_args(run.command_line.yaml)
-        _logger.info(f'Output folder: {plan.folder.path}. Epochs {start_epoch} to {end_epoch - 1} of {num_epochs}.')
-    if plan.resume_path:
-        rng_state = load_rng_state(plan.resume_path)
-        if rng_state is not None and args.world_size == 1:
-            restore_rng_state(rng_state)
+        _start_record(run, folder)
+        _logger.info(f'Output folder: {folder.path}. Epochs {start_epoch} to {end_epoch - 1} of {run.num_epochs}.')
+    if point is not None and point.rng_state is not None and args.world_size == 1:
+        restore_rng_state(point.rng_state)
+    resumed = point.progress if point is not None and point.epoch == start_epoch else None
+    if resumed is not None and run.primary:
+        _logger.info(f'Epoch {start_epoch} continues after the {resumed.batches} batches it trained before it stopped')
 
     ctx = LoopContext(
         args=args, task=task, optimizer=optimizer, device=run.device, amp_autocast=run.precision.autocast,
-        loss_scaler=run.precision.loss_scaler, lr_scheduler=lr_scheduler, mixup_fn=run.data.mixup_fn,
+        loss_scaler=run.precision.loss_scaler, lr_scheduler=run.lr_scheduler, mixup_fn=run.data.mixup_fn,
         model_dtype=run.precision.model_dtype, is_primary=run.primary,
-        save_recovery=saver.save_recovery if saver is not None else None, num_epochs=num_epochs,
-        sample_index=sample_index,
+        save_recovery=_recovery_saver(saver, folder) if saver is not None else None, num_epochs=run.num_epochs,
+        train_sampler=run.train_sampler,
     )
     final, final_ema, best_epoch = None, None, None
     for epoch in range(start_epoch, end_epoch):
-        loader = run.data.loader_train
-        sampler = getattr(loader, 'sampler', None)
+        sampler = run.train_sampler or getattr(run.data.loader_train, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch)
-        train_metrics = train_one_epoch(ctx, loader, epoch)
+        if resumed is not None:
+            run.train_sampler.skip_next(resumed.batches * args.batch_size)
+        train_metrics = train_one_epoch(ctx, run.data.loader_train, epoch, resumed)
+        resumed = None
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
         epoch_done = epoch + 1
         if epoch_done % args.val_interval != 0 and epoch_done != end_epoch:
-            if lr_scheduler is not None:
-                lr_scheduler.step(epoch_done, metric=None)
+            if run.lr_scheduler is not None:
+                run.lr_scheduler.step(epoch_done, metric=None)
             continue
         eval_metrics: Dict[str, float] = {}
         latest = train_metrics['loss']
@@ -272,20 +355,30 @@ def _train_epochs(run: Run) -> Tuple[Optional[Dict[str, float]], Optional[Dict[s
             eval_metrics.update({f'ema_{k}': v for k, v in (final_ema or {}).items()})
         if saver is not None:
             lrs = [group['lr'] for group in optimizer.param_groups]
-            update_summary(epoch, train_metrics, eval_metrics, str(plan.folder.file(SUMMARY_FILE)),
-                           lr=sum(lrs) / len(lrs), write_header=None)
-            _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
-            if args.save_epochs and epoch_done in args.save_epochs:
-                saver.save_milestone(epoch_done)
-            plan.folder.write_record(_record(run, final, final_ema, best_epoch))
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch_done, latest)
+            with _writing(folder, f'the checkpoint of epoch {epoch}'):
+                update_summary(epoch, train_metrics, eval_metrics, str(folder.file(SUMMARY_FILE)),
+                               lr=sum(lrs) / len(lrs), write_header=None)
+                _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
+                if args.save_epochs and epoch_done in args.save_epochs:
+                    saver.save_milestone(epoch_done)
+                saver.remove_recoveries_through(epoch)
+                folder.write_record(_record(run, final, final_ema, best_epoch, epoch_done))
+        if run.lr_scheduler is not None:
+            run.lr_scheduler.step(epoch_done, latest)
     return final, final_ema
 
 
-def _finish(run: Run, final: Optional[Dict[str, float]], final_ema: Optional[Dict[str, float]]) -> int:
+def _recovery_saver(saver, folder: RunFolder):
+    def save_recovery(epoch: int, batch_idx: int, progress) -> None:
+        with _writing(folder, f'a recovery checkpoint of epoch {epoch}'):
+            saver.save_recovery(epoch, batch_idx, progress)
+    return save_recovery
+
+
+def _finish(run: Run, folder: RunFolder, final: Optional[Dict[str, float]],
+            final_ema: Optional[Dict[str, float]]) -> int:
     """The final line, then the export / upload the Hub flags ask for (rank 0)."""
-    args, folder = run.args, run.plan.folder
+    args = run.args
     if final is not None:
         shown = final_ema or final
         print(f"Final ({'EMA' if final_ema else 'model'}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  "
@@ -302,21 +395,52 @@ def _finish(run: Run, final: Optional[Dict[str, float]], final_ema: Optional[Dic
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is so that it unwinds like Ctrl-C (locks released, files closed)."""
+
+
+def _stopped(folder: Optional[RunFolder], why: str, signal_number: Optional[int]) -> RunStopped:
+    if folder is None or folder.resume_checkpoint() is None:
+        where = 'no checkpoint was written yet; start the run again'
+    else:
+        where = (f"the last checkpoint is {folder.resume_checkpoint()}; resume with the same command and "
+                 f"--experiment {folder.path.name} --resume auto")
+    return RunStopped(f'{why}: {where}', signal_number)
+
+
 def train(argv: Optional[Sequence[str]] = None) -> int:
-    """Run training; returns the process exit code (raises :class:`UsageError` for bad input before writing)."""
+    """Run training; returns the process exit code.
+
+    Raises:
+        TfKDError: Bad input (before anything is written) or a stopped run (:class:`RunStopped`).
+    """
     command_line = parse_args(argv)
-    args = _set_up(command_line)
+    args, warnings = _set_up(command_line)
+    folder = None
     try:
         run = _prepare(command_line)
         _resume_and_wrap(run)
-        final, final_ema = _train_epochs(run)
+        if run.primary:
+            for warning in warnings:
+                _logger.warning(warning)
+        if run.start_epoch >= run.end_epoch:
+            if run.primary:
+                _logger.warning(f'Nothing to train: the run is at epoch {run.start_epoch} of {run.end_epoch}')
+            return _finish(run, run.plan.folder, None, None) if run.primary else 0
+        with _run_folder(run) as folder:
+            final, final_ema = _train_epochs(run, folder if run.primary else None)
+            code = _finish(run, folder, final, final_ema) if run.primary else 0
+        return code
     except NonFiniteLossError as e:
         _logger.error(str(e))
         return 1
+    except KeyboardInterrupt:
+        raise _stopped(folder, 'interrupted (Ctrl-C)', signal.SIGINT) from None
+    except _Terminated:
+        raise _stopped(folder, 'stopped by SIGTERM', signal.SIGTERM) from None
     finally:
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()
-    return _finish(run, final, final_ema) if run.primary else 0
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -343,14 +467,29 @@ def _setup_logging() -> None:
     logging.root.setLevel(logging.INFO)
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console entry point: bad input gives one line on stderr and exit code 2, no traceback."""
+    """Console entry point: bad input gives one line on stderr and exit code 2, no traceback; a run stopped by
+    Ctrl-C or SIGTERM says where its last checkpoint is and exits with 130 / 143."""
     _setup_logging()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Under torchrun every process sees the error; one line from rank 0 is enough.
+    report = os.environ.get('RANK', '0') == '0'
     try:
         return train(argv)
+    except RunStopped as e:
+        if report:
+            print(f'train_tfkd.py: {e}', file=sys.stderr)
+        return 128 + e.signal_number if e.signal_number else 1
     except TfKDError as e:
-        print(f'train_tfkd.py: error: {e}', file=sys.stderr)
+        if report:
+            print(f'train_tfkd.py: error: {e}', file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,17 @@
 """What the trainer accepts: the checks of the whole configuration before anything is built, and the smoothing
 policy of each method."""
 import argparse
-from typing import Set, Tuple
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import UsageError
-from ..methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get_method
+from ..hub import is_export
+from ..methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get_method, registered_flags
+from .build import student_in_chans
 from .data import mixup_settings
 from .flags import create_parser
+from .publish import check_hub_args
 
 # timm flags the trainer accepts (so timm commands parse) but refuses when set away from their default.
 UNSUPPORTED_FLAGS = {
@@ -27,6 +32,108 @@ UNSUPPORTED_FLAGS = {
     'task': 'multi-label training',
     'target_format': 'multi-label training',
 }
+
+
+# A rule returns what is wrong with a value ("must be >= 1"), or None. Written as `not (inside)` so NaN fails too.
+Rule = Callable[[Any], Optional[str]]
+
+
+def _at_least(low: float) -> Rule:
+    return lambda value: None if value >= low else f'must be >= {low:g}'
+
+
+def _above(low: float) -> Rule:
+    return lambda value: None if value > low else f'must be > {low:g}'
+
+
+def _within(low: float, high: float, include_high: bool = True) -> Rule:
+    def rule(value):
+        if low <= value <= high and (include_high or value < high):
+            return None
+        return f"must be in [{low:g}, {high:g}{']' if include_high else ')'}"
+    return rule
+
+
+def _optional(rule: Rule) -> Rule:
+    return lambda value: None if value is None else rule(value)
+
+
+def _each(rule: Rule) -> Rule:
+    def check(values):
+        return next((f'values {problem}' for problem in map(rule, values) if problem), None)
+    return check
+
+
+def _range_pair(low: float, high: float) -> Rule:
+    """Two values low < a <= b <= high (random resized crop scale / ratio)."""
+    def rule(values):
+        if len(values) == 2 and low < values[0] <= values[1] <= high:
+            return None
+        return f'must be two values a <= b in ({low:g}, {high:g}]'
+    return rule
+
+
+PROBABILITY = _within(0.0, 1.0)
+DROP_RATE = _within(0.0, 1.0, include_high=False)
+NON_NEGATIVE = _at_least(0)
+POSITIVE = _above(0)
+COUNT = _at_least(1)
+
+# Every numeric flag of timm's train.py whose value timm or torch would take unchecked (and fail on, often after an
+# epoch, or train wrongly): destination -> rule.
+VALUE_RULES: Dict[str, Rule] = {
+    'epochs': COUNT, 'stop_epoch': _optional(COUNT), 'start_epoch': _optional(NON_NEGATIVE),
+    'batch_size': COUNT, 'validation_batch_size': _optional(COUNT), 'grad_accum_steps': COUNT,
+    'img_size': _optional(COUNT), 'input_size': _optional(_each(COUNT)), 'in_chans': _optional(COUNT),
+    'num_classes': _optional(COUNT), 'crop_pct': _optional(POSITIVE), 'std': _optional(_each(POSITIVE)),
+    'workers': NON_NEGATIVE, 'log_interval': COUNT, 'val_interval': COUNT, 'recovery_interval': NON_NEGATIVE,
+    'checkpoint_hist': COUNT, 'save_epochs': _optional(_each(COUNT)), 'train_num_samples': _optional(COUNT),
+    'val_num_samples': _optional(COUNT), 'train_batches_per_epoch': _optional(COUNT),
+    'lr': _optional(POSITIVE), 'lr_base': POSITIVE, 'lr_base_size': COUNT, 'warmup_lr': NON_NEGATIVE,
+    'min_lr': NON_NEGATIVE, 'warmup_epochs': NON_NEGATIVE, 'cooldown_epochs': NON_NEGATIVE,
+    'patience_epochs': NON_NEGATIVE, 'decay_epochs': POSITIVE, 'decay_milestones': _each(NON_NEGATIVE),
+    'decay_rate': POSITIVE, 'lr_cycle_mul': POSITIVE, 'lr_cycle_decay': POSITIVE, 'lr_cycle_limit': COUNT,
+    'lr_k_decay': POSITIVE, 'lr_noise_pct': NON_NEGATIVE, 'lr_noise_std': NON_NEGATIVE,
+    'weight_decay': NON_NEGATIVE, 'momentum': PROBABILITY, 'opt_eps': _optional(POSITIVE),
+    'opt_betas': _optional(_each(_within(0.0, 1.0, include_high=False))), 'clip_grad': _optional(POSITIVE),
+    'layer_decay': _optional(POSITIVE), 'smoothing': DROP_RATE, 'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE,
+    'cutmix_minmax': _optional(_range_pair(0.0, 1.0)), 'mixup_prob': PROBABILITY,
+    'mixup_switch_prob': PROBABILITY, 'mixup_off_epoch': NON_NEGATIVE, 'reprob': PROBABILITY, 'recount': COUNT,
+    'hflip': PROBABILITY, 'vflip': PROBABILITY, 'color_jitter': NON_NEGATIVE,
+    'color_jitter_prob': _optional(PROBABILITY), 'grayscale_prob': _optional(PROBABILITY),
+    'gaussian_blur_prob': _optional(PROBABILITY), 'scale': _range_pair(0.0, 1.0), 'ratio': _range_pair(0.0, math.inf),
+    'aug_repeats': NON_NEGATIVE, 'epoch_repeats': NON_NEGATIVE, 'drop': DROP_RATE,
+    'drop_connect': _optional(DROP_RATE), 'drop_path': _optional(DROP_RATE), 'drop_block': _optional(DROP_RATE),
+    'bn_momentum': _optional(_within(0.0, 1.0)), 'bn_eps': _optional(POSITIVE), 'model_ema_decay': PROBABILITY,
+    'kd_temperature': POSITIVE, 'distill_loss_weight': _optional(NON_NEGATIVE),
+    'task_loss_weight': _optional(NON_NEGATIVE), 'tta': NON_NEGATIVE,
+    'multilabel_threshold': _within(0.0, 1.0, include_high=False),
+}
+DEFAULT_OUTPUT = './output/train'  # timm's train.py default for --output
+# Metrics the trainer's validation reports, by which --eval-metric may rank checkpoints.
+EVAL_METRICS = ('top1', 'top5', 'loss', 'nll', 'ece')
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse numeric values that cannot work and per-channel statistics that do not fit the channels.
+
+    Raises:
+        UsageError: The first problem, as one line naming the flag.
+    """
+    parser = create_parser()
+    for dest, rule in VALUE_RULES.items():
+        value = getattr(args, dest)
+        problem = rule(value)
+        if problem:
+            shown = ' '.join(f'{v:g}' for v in value) if isinstance(value, list) else f'{value:g}'
+            raise UsageError(f'{_option_string(parser, dest)} {problem}, got {shown}')
+    channels = student_in_chans(args)
+    for dest in ('mean', 'std'):
+        values = getattr(args, dest)
+        if values is not None and len(values) not in (1, channels):
+            raise UsageError(f'--{dest} needs 1 or {channels} values (one per input channel), got {len(values)}')
+    if args.eval_metric not in EVAL_METRICS:
+        raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
 
 
 def _option_string(parser: argparse.ArgumentParser, dest: str) -> str:
@@ -111,3 +218,53 @@ def check_smoothing(args: argparse.Namespace, smoothing: float) -> None:
     if method.smoothing == SMOOTHING_EXPLICIT and smoothing > 0 and mixup_settings(args, 0.0) is None:
         raise UsageError(f'--smoothing {smoothing:g} with --tfkd-mode {method.name} is only supported with '
                          f'--mixup / --cutmix (folded into their targets); drop --smoothing or use --tfkd-mode lsr')
+
+
+def ignored_tfkd_flags(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
+    """The ``--tfkd-*`` flags the user gave that the chosen method does not read."""
+    read = {flag.dest for flag in get_method(args.tfkd_mode).flags}
+    return [flag.option for flag in registered_flags() if flag.dest in explicit and flag.dest not in read]
+
+
+def check_writable_folder(path: str, option: str) -> None:
+    """Refuse a folder the run could not create or write: a file in its place, or no write permission where it
+    would be created.
+
+    Raises:
+        UsageError: One line naming the option.
+    """
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"{option} '{path}' is a file, not a folder")
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{option} '{path}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} '{path}' cannot be written: no write permission in '{existing}'")
+
+
+def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
+    """The whole command line checked before anything is built or written.
+
+    Returns:
+        Warnings for the log, one line each (e.g. flags the chosen method ignores).
+
+    Raises:
+        UsageError: The first problem found, as one line.
+    """
+    check_supported(args)
+    check_values(args)
+    check_hub_args(args)
+    check_writable_folder(args.output or DEFAULT_OUTPUT, '--output')
+    if args.export_dir is not None:
+        check_writable_folder(args.export_dir, '--export-dir')
+        if os.path.isdir(args.export_dir) and os.listdir(args.export_dir) and not is_export(args.export_dir):
+            raise UsageError(f"--export-dir '{args.export_dir}' is not empty and is not a previous timm-tfkd export; "
+                             f"choose a new or empty folder")
+    ignored = ignored_tfkd_flags(args, explicit)
+    if ignored:
+        return [f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by --tfkd-mode "
+                f"{args.tfkd_mode}, which does not read {'it' if len(ignored) == 1 else 'them'}"]
+    return []
