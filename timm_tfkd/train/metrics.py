@@ -6,6 +6,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 ECE_BINS = 15
+# A confidence within this many bin widths of an edge counts as on it. Softmax rounding leaves a confidence that
+# is exactly an edge in exact arithmetic (1/3 from three tied logits is 5/15) an ulp either side of it, which
+# would otherwise decide its bin at random.
+EDGE_TOLERANCE = 1e-9
 
 
 class ClassificationMetrics:
@@ -13,7 +17,9 @@ class ClassificationMetrics:
 
     Sums (not per-batch means) are kept so that uneven last batches and several ranks reduce exactly.
     ECE follows Guo et al. (2017): |accuracy - confidence| per equal-width confidence bin, weighted by the
-    bin's share of samples, reported in percent like top-1.
+    bin's share of samples, reported in percent like top-1. Bins are closed on the right as theirs: bin ``k``
+    holds ``k / bins < confidence <= (k + 1) / bins``, so a confidence on an edge ``k / bins`` falls in the bin
+    below it, ``((k - 1) / bins, k / bins]``, and a confidence of 1 in the last bin.
 
     Args:
         device: Where the sums live (the device of the logits).
@@ -39,7 +45,7 @@ class ClassificationMetrics:
             torch.tensor(float(target.shape[0]), dtype=torch.float64, device=logits.device),
             nll, correct1.sum().double(), hits.any(dim=1).sum().double()])
         confidence = log_probs.max(dim=-1).values.exp()
-        bin_index = (confidence * self.bins).long().clamp_(max=self.bins - 1)
+        bin_index = (torch.ceil(confidence * self.bins - EDGE_TOLERANCE) - 1).long().clamp_(0, self.bins - 1)
         ones = torch.ones_like(confidence)
         self.bin_stats[0].index_add_(0, bin_index, ones)
         self.bin_stats[1].index_add_(0, bin_index, confidence)
