@@ -1,5 +1,5 @@
 """Validation metrics that reduce exactly across ranks: top-1/5, NLL and expected calibration error."""
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,14 @@ class ClassificationMetrics:
     Args:
         device: Where the sums live (the device of the logits).
         bins: Number of confidence bins.
+        max_samples: Ignore predictions past this many (a distributed sampler's padding, see timm's
+            ``evaluation_sample_limit``); None counts every prediction.
     """
 
-    def __init__(self, device: torch.device, bins: int = ECE_BINS):
+    def __init__(self, device: torch.device, bins: int = ECE_BINS, max_samples: Optional[int] = None):
         self.bins = bins
+        self.max_samples = max_samples
+        self.seen = 0
         # Rows: samples, NLL sum, top-1 correct, top-5 correct; then per bin: count, confidence sum, correct.
         self.totals = torch.zeros(4, dtype=torch.float64, device=device)
         self.bin_stats = torch.zeros(3, bins, dtype=torch.float64, device=device)
@@ -35,6 +39,13 @@ class ClassificationMetrics:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of logits (B, K) and class indices (B,)."""
+        if self.max_samples is not None:
+            # The padding a distributed sampler adds to even out the ranks comes last on each rank.
+            keep = max(0, self.max_samples - self.seen)
+            logits, target = logits[:keep], target[:keep]
+        self.seen += target.shape[0]
+        if not target.shape[0]:
+            return
         logits = logits.double()
         log_probs = F.log_softmax(logits, dim=-1)
         nll = F.nll_loss(log_probs, target, reduction='sum')
