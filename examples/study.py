@@ -25,6 +25,7 @@ Teachers are runs of the study too, trained before the first student that needs 
 Rerunning the same command skips finished runs (``summary.csv`` complete and ``study_result.json`` written),
 resumes unfinished ones with ``--resume auto`` and rewrites ``results.md``, ``results.csv``, ``runs.csv`` and
 ``results.png`` in ``--out``. A failed run is reported with its log file; the others go on; the exit status is 1.
+A run still training after ``--run-timeout`` seconds is stopped and counts as failed.
 """
 import argparse
 import csv
@@ -93,6 +94,8 @@ METRICS = ('test_top1', 'test_nll', 'test_ece', 'val_top1', 'wall_seconds')
 METRIC_LABELS = {'test_top1': 'test top-1 (%)', 'test_nll': 'test NLL', 'test_ece': 'test ECE (%)',
                  'val_top1': 'val top-1 (%)', 'wall_seconds': 'wall time / run (s)'}
 METRIC_DECIMALS = {'test_top1': 2, 'test_nll': 4, 'test_ece': 2, 'val_top1': 2, 'wall_seconds': 0}
+# A trainer hung on a dead device or a deadlocked loader must not stall the study forever.
+DEFAULT_RUN_TIMEOUT = 24 * 3600
 
 
 class StudyError(ValueError):
@@ -140,6 +143,7 @@ class Study:
     out: Path
     device: Optional[str]
     eval_workers: int
+    run_timeout: Optional[float] = DEFAULT_RUN_TIMEOUT
 
     @property
     def runs_dir(self) -> Path:
@@ -329,7 +333,7 @@ def train(run: Run, study: Study) -> None:
     """Train ``run`` to its last epoch in a ``train_tfkd.py`` subprocess, resuming what an earlier attempt left.
 
     Raises:
-        RunFailed: The trainer exited non-zero.
+        RunFailed: The trainer exited non-zero or was stopped after ``study.run_timeout`` seconds.
     """
     run_dir, log_path = study.run_dir(run.name), study.log_path(run.name)
     argv = trainer_argv(run, study)
@@ -346,9 +350,16 @@ def train(run: Run, study: Study) -> None:
                   f"{shlex.join(command)}\n")
         log.flush()
         start = time.perf_counter()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        try:
+            returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=study.run_timeout or None).returncode
+        except subprocess.TimeoutExpired:  # the trainer has been killed
+            returncode = None
+            log.write(f'\n=== stopped after {study.run_timeout:g} s (--run-timeout)\n')
     seconds = time.perf_counter() - start
     _record_attempt(study, run.name, {'seconds': round(seconds, 3), 'returncode': returncode, 'resumed': resume})
+    if returncode is None:
+        raise RunFailed(f'run {run.name} stopped after {study.run_timeout:g} s (--run-timeout); log: {log_path}')
     if returncode != 0 or not training_complete(run_dir, run.epochs):
         raise RunFailed(f'run {run.name} failed (exit status {returncode}); log: {log_path}')
 
@@ -622,6 +633,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--report-only', action='store_true',
                         help='Train nothing: write the tables from the runs finished so far (n per mode says how many).')
     parser.add_argument('--eval-workers', type=int, default=0, help='Loader processes for test scoring.')
+    parser.add_argument('--run-timeout', type=float, default=DEFAULT_RUN_TIMEOUT, metavar='SECONDS',
+                        help='Stop a trainer subprocess after this long and count its run as failed (a rerun '
+                             f'resumes it); 0: no limit. Default: {DEFAULT_RUN_TIMEOUT} (24 h).')
     return parser
 
 
@@ -640,7 +654,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the study; 0 when every run finished, 1 when one failed, 2 on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     options = create_parser().parse_args(argv)
-    study = Study(options.data_dir, Path(options.out), options.device, options.eval_workers)
+    study = Study(options.data_dir, Path(options.out), options.device, options.eval_workers, options.run_timeout)
     try:
         config = load_config(options.config)
         extra = shlex.split(options.extra)

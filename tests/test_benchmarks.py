@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 TITLES = ('Loss only: forward + backward', 'Training step through timm tasks')
@@ -19,6 +21,7 @@ CONFIGURATIONS = (
 )
 
 
+@pytest.mark.timeout(900)  # beyond the subprocess's own 600 s, so that one reports first
 def test_quick_run_prints_every_table_and_configuration(tmp_path):
     markdown = tmp_path / 'overhead.md'
     result = subprocess.run(

@@ -1,14 +1,20 @@
 """examples/study.py end to end on a tiny image folder, and timm_tfkd.evaluate on its runs.
 
 One real study (test_resnet, 16 px, 1 epoch, 2 seeds, modes ce / reg-paper / self / de-kd: 8 trainer
-subprocesses) is shared by the tests of this module; failure and resume paths use a fake trainer script.
+subprocesses) is shared by the tests of this module; its tables are checked against mean and sample standard
+deviation computed here from its per-run rows. Failure, hang and resume paths use fake trainer scripts.
 """
 import csv
 import importlib.util
 import json
+import math
+import os
+import re
+import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from conftest import write_image_folder
@@ -18,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ('ce', 'reg-paper', 'self', 'de-kd')
 SEEDS = (0, 1)
 EXTRA = '--num-classes 3 --img-size 16 -b 8 -j 0 --lr 0.05 --warmup-epochs 0 --log-interval 1000'
+# The shared study trains 8 runs before its first test: more than the suite's per-test timeout allows a test.
+WITH_STUDY = pytest.mark.timeout(1200)
+TABLE_METRICS = {'test top-1 (%)': 'test_top1', 'test NLL': 'test_nll', 'test ECE (%)': 'test_ece',
+                 'val top-1 (%)': 'val_top1', 'wall time / run (s)': 'wall_seconds'}
 
 
 def _load_study_module():
@@ -30,9 +40,10 @@ def _load_study_module():
 study = _load_study_module()
 
 
-def _argv(data: Path, out: Path, modes=MODES, seeds=SEEDS):
+def _argv(data: Path, out: Path, modes=MODES, seeds=SEEDS, run_timeout=600):
     return ['--data-dir', str(data), '--out', str(out), '--model', 'test_resnet', '--modes', *modes,
-            '--seeds', *map(str, seeds), '--epochs', '1', f'--extra={EXTRA}', '--device', 'cpu']
+            '--seeds', *map(str, seeds), '--epochs', '1', f'--extra={EXTRA}', '--device', 'cpu',
+            '--run-timeout', str(run_timeout)]
 
 
 @pytest.fixture(scope='module')
@@ -60,6 +71,7 @@ def _read_csv(path: Path):
         return list(csv.DictReader(f))
 
 
+@WITH_STUDY
 def test_study_writes_results_for_every_mode(finished_study):
     out, code = finished_study
     assert code == 0
@@ -78,11 +90,53 @@ def test_study_writes_results_for_every_mode(finished_study):
     markdown = (out / 'results.md').read_text()
     for mode in MODES:
         assert f'| {mode} | 2 | ' in markdown
-    assert f'torch {torch.__version__}' in markdown and 'timm 1.0.31' in markdown and 'cores' in markdown
+    assert f'torch {torch.__version__}' in markdown and f'timm {timm.__version__},' in markdown
+    assert 'cores' in markdown
     assert 'examples/study.py --data-dir' in markdown
     assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def _mean_and_sample_std(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _markdown_rows(markdown: str):
+    """The results table of results.md as {mode: {column label: cell}}."""
+    lines = [line for line in markdown.splitlines() if line.startswith('| ')]
+    header = [cell.strip() for cell in lines[0].strip('|').split('|')]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([cell.strip() for cell in line.strip('|').split('|')] for line in lines[1:])}
+
+
+@WITH_STUDY
+def test_tables_are_mean_and_sample_std_of_the_runs(finished_study):
+    out, _ = finished_study
+    runs = _read_csv(out / 'runs.csv')
+    table = {row['mode']: row for row in _read_csv(out / 'results.csv')}
+    markdown = _markdown_rows((out / 'results.md').read_text())
+    for mode in MODES:
+        rows = [row for row in runs if row['mode'] == mode]
+        assert len(rows) == len(SEEDS) and table[mode]['n'] == markdown[mode]['n'] == str(len(SEEDS))
+        for label, metric in [*TABLE_METRICS.items(), ('teacher', 'teacher_test_top1')]:
+            values = [float(row[metric]) for row in rows if row[metric]]
+            if metric == 'teacher_test_top1' and mode in ('ce', 'reg-paper'):
+                assert not values and table[mode][f'{metric}_mean'] == ''
+                continue
+            mean, std = _mean_and_sample_std(values)
+            assert float(table[mode][f'{metric}_mean']) == pytest.approx(mean, rel=1e-12, abs=1e-12), (mode, metric)
+            assert float(table[mode][f'{metric}_std']) == pytest.approx(std, rel=1e-9, abs=1e-12), (mode, metric)
+            if metric == 'teacher_test_top1':
+                continue
+            # The cell is 'mean ± std', both rounded to the cell's decimals.
+            cell = markdown[mode][label]
+            shown_mean, shown_std = cell.split(' ± ')
+            unit = 10.0 ** -len(shown_mean.partition('.')[2])
+            assert abs(float(shown_mean) - mean) <= unit / 2 + 1e-9, (mode, label, cell, mean)
+            assert abs(float(shown_std) - std) <= unit / 2 + 1e-9, (mode, label, cell, std)
+
+
+@WITH_STUDY
 def test_only_the_needed_runs_are_trained(finished_study):
     out, _ = finished_study
     assert sorted(p.name for p in (out / 'runs').iterdir()) == sorted(f'{m}-s{s}' for m in MODES for s in SEEDS)
@@ -91,6 +145,7 @@ def test_only_the_needed_runs_are_trained(finished_study):
     assert '--tfkd-teacher-checkpoint' in result['command']
 
 
+@WITH_STUDY
 def test_rerun_skips_finished_runs(finished_study, tiny_data, capsys):
     out, _ = finished_study
     checkpoints = sorted((out / 'runs').glob('*/last.pth.tar'))
@@ -103,6 +158,7 @@ def test_rerun_skips_finished_runs(finished_study, tiny_data, capsys):
     assert len(_read_csv(out / 'results.csv')) == len(MODES)
 
 
+@WITH_STUDY
 def test_evaluate_last_on_validation_reproduces_the_final_summary_row(finished_study, tiny_data):
     out, _ = finished_study
     run_dir = out / 'runs' / 'reg-paper-s0'
@@ -116,6 +172,7 @@ def test_evaluate_last_on_validation_reproduces_the_final_summary_row(finished_s
     assert test == pytest.approx(recorded)
 
 
+@WITH_STUDY
 def test_evaluate_refuses_a_missing_split_and_checkpoint(finished_study, tiny_data):
     out, _ = finished_study
     run_dir = str(out / 'runs' / 'ce-s0')
@@ -125,6 +182,7 @@ def test_evaluate_refuses_a_missing_split_and_checkpoint(finished_study, tiny_da
         evaluate_run(run_dir, str(tiny_data), checkpoint='checkpoint-7.pth.tar', device='cpu')
 
 
+@WITH_STUDY
 def test_evaluate_command_prints_one_json_line(finished_study, tiny_data, capsys):
     from timm_tfkd.cli import main as cli_main
     out, _ = finished_study
@@ -144,6 +202,42 @@ def fake_trainer(tmp_path, monkeypatch) -> Path:
                       'sys.exit(3)\n')
     monkeypatch.setattr(study, 'TRAIN_SCRIPT', script)
     return calls
+
+
+@pytest.fixture
+def hanging_trainer(tmp_path, monkeypatch) -> Path:
+    """A trainer that says it started, records its pid, and then never ends."""
+    pid_file = tmp_path / 'trainer.pid'
+    script = tmp_path / 'hanging_train.py'
+    script.write_text('import os, sys, time\n'
+                      f'open({str(pid_file)!r}, "w").write(str(os.getpid()))\n'
+                      'print("simulated start, then a hang", flush=True)\n'
+                      'time.sleep(3600)\n')
+    monkeypatch.setattr(study, 'TRAIN_SCRIPT', script)
+    return pid_file
+
+
+def test_hanging_trainer_is_stopped_and_reported(tiny_data, tmp_path, hanging_trainer, capsys):
+    out = tmp_path / 'hanging'
+    start = time.monotonic()
+    assert study.main(_argv(tiny_data, out, modes=('ce', 'reg-paper'), seeds=(0,), run_timeout=2)) == 1
+    assert time.monotonic() - start < 60  # two runs of 2 s each, not an hour
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(int(hanging_trainer.read_text()), 0)
+    log = out / 'logs' / 'ce-s0.log'
+    text = log.read_text()
+    assert 'simulated start, then a hang' in text and 'stopped after 2 s (--run-timeout)' in text
+    markdown = (out / 'results.md').read_text()
+    for run in ('ce-s0', 'reg-paper-s0'):  # both were tried: a hang stops one run, not the study
+        assert f"run {run} stopped after 2 s (--run-timeout); log: {out / 'logs' / f'{run}.log'}" in markdown
+    assert str(log) in capsys.readouterr().err
+    (attempt,) = json.loads((out / 'logs' / 'ce-s0.attempts.json').read_text())
+    assert attempt['returncode'] is None and 2 <= attempt['seconds'] < 30
+
+
+def test_run_timeout_is_documented_with_its_default():
+    text = re.sub(r'\s+', ' ', study.create_parser().format_help())
+    assert '--run-timeout SECONDS' in text and f'Default: {study.DEFAULT_RUN_TIMEOUT} (24 h)' in text
 
 
 def test_failed_run_is_reported_and_its_students_skipped(tiny_data, tmp_path, fake_trainer, capsys):

@@ -1,5 +1,6 @@
-"""Two processes with torchrun on CPU (gloo): rank 0 alone writes, validation metrics reduce exactly, and the
-Tf-KD-self teacher is never wrapped in DDP."""
+"""Two processes with torchrun on CPU (gloo): rank 0 alone writes, validation metrics reduce exactly (also when the
+ranks cannot split the validation set evenly and the sampler pads it), and the Tf-KD-self teacher is never wrapped
+in DDP."""
 import math
 import os
 import sys
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from timm.data import create_dataset, create_loader
+import torch.nn.functional as F
+from timm.data import create_dataset, create_transform
 from timm.models import create_model
 
-from timm_tfkd.train.metrics import ClassificationMetrics
 from conftest import write_image_folder
 from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     TRAIN_SCRIPT, load_state_dict, one_torch_thread, read_run_info, read_summary, run_subprocess, tiny_args,
@@ -23,6 +24,9 @@ EPOCHS = 2
 BATCH = 8
 # 48 validation images: 2 ranks x 3 batches of 8, so the distributed sampler adds no padding.
 PER_CLASS = 16
+# 21 validation images: rank 0 gets 11, rank 1 gets 10 and one duplicate of image 0 as padding.
+UNEVEN_PER_CLASS = 7
+ECE_BINS = 15
 
 
 @pytest.fixture(scope='module')
@@ -48,28 +52,37 @@ def _torchrun(argv):
 
 
 def _single_process_metrics(run_dir: Path, data_dir: Path) -> dict:
-    """Validation metrics of the saved model, computed here in one process with the run's data config."""
+    """Validation metrics of the saved model by their definitions: one image at a time, in this process."""
     info = read_run_info(run_dir)
     config = info['data_config']
     model = create_model(info['model'], num_classes=info['num_classes'], in_chans=info['in_chans'])
     model.load_state_dict(load_state_dict(run_dir / 'last.pth.tar'))
     model.eval()
+    transform = create_transform(tuple(config['input_size']), is_training=False,
+                                 interpolation=config['interpolation'], mean=tuple(config['mean']),
+                                 std=tuple(config['std']), crop_pct=config['crop_pct'], crop_mode=config['crop_mode'])
     dataset = create_dataset('', root=str(data_dir), split='validation', is_training=False)
-    loader = create_loader(dataset, input_size=tuple(config['input_size']), batch_size=BATCH, is_training=False,
-                           interpolation=config['interpolation'], mean=tuple(config['mean']),
-                           std=tuple(config['std']), crop_pct=config['crop_pct'], crop_mode=config['crop_mode'],
-                           num_workers=0, device=torch.device('cpu'))
-    metrics = ClassificationMetrics(torch.device('cpu'))
-    seen = 0
+    dataset.transform = transform
+    nll = top1 = top5 = 0.0
+    bins = {}  # bin -> [right, confidence sum], bin k = (k/15, (k+1)/15]
     with torch.inference_mode():
-        for input, target in loader:
-            metrics.update(model(input).float(), target)
-            seen += target.shape[0]
-    assert seen == len(dataset)
-    return metrics.compute()
+        for index in range(len(dataset)):
+            image, label = dataset[index]
+            log_probs = F.log_softmax(model(image.unsqueeze(0))[0].double(), dim=0)
+            ranked = log_probs.argsort(descending=True).tolist()
+            confidence = log_probs.max().exp().item()
+            nll -= log_probs[label].item()
+            top1 += ranked[0] == label
+            top5 += label in ranked[:5]
+            entry = bins.setdefault(min(max(math.ceil(confidence * ECE_BINS) - 1, 0), ECE_BINS - 1), [0, 0.0])
+            entry[0] += ranked[0] == label
+            entry[1] += confidence
+    n = len(dataset)
+    return {'loss': nll / n, 'nll': nll / n, 'top1': 100 * top1 / n, 'top5': 100 * top5 / n,
+            'ece': 100 * sum(abs(right - confidence) for right, confidence in bins.values()) / n}
 
 
-def _check_ddp_run(result, output: Path, experiment: str, data_dir: Path) -> Path:
+def _check_ddp_run(result, output: Path, experiment: str, data_dir: Path, epochs: int = EPOCHS) -> Path:
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert 'Traceback' not in result.stderr
     for rank in (0, 1):
@@ -78,10 +91,10 @@ def _check_ddp_run(result, output: Path, experiment: str, data_dir: Path) -> Pat
     assert sorted(os.listdir(output)) == [experiment]
     run = output / experiment
     expected = {'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'run_info.json',
-                *(f'checkpoint-{epoch}.pth.tar' for epoch in range(EPOCHS))}
+                *(f'checkpoint-{epoch}.pth.tar' for epoch in range(epochs))}
     assert set(os.listdir(run)) == expected
     summary = read_summary(run)
-    assert [row['epoch'] for row in summary] == list(range(EPOCHS))
+    assert [row['epoch'] for row in summary] == list(range(epochs))
 
     # Metrics summed across ranks equal the metrics of the same model on the whole validation set in one process.
     reference = _single_process_metrics(run, data_dir)
@@ -113,3 +126,13 @@ def test_ddp_reg(workdir, data_dir):
     argv = tiny_args(data_dir, output, 'reg', '--tfkd-mode', 'reg', epochs=EPOCHS, batch_size=BATCH)
     run = _check_ddp_run(_torchrun(argv), output, 'reg', data_dir)
     assert all(row['train_kd_loss'] > 0 and math.isfinite(row['train_loss']) for row in read_summary(run))
+
+
+def test_ddp_metrics_count_each_image_once_when_the_sampler_pads(workdir):
+    """21 images on 2 ranks: timm's sampler pads rank 1 with a duplicate, which must not be counted."""
+    data_dir = write_image_folder(workdir / 'data-uneven', per_class=UNEVEN_PER_CLASS)
+    images = len(list((data_dir / 'validation').rglob('*.png')))
+    assert images % 2 and images % (2 * BATCH)
+    output = workdir / 'out-uneven'
+    argv = tiny_args(data_dir, output, 'uneven', '--tfkd-mode', 'reg', epochs=1, batch_size=BATCH)
+    _check_ddp_run(_torchrun(argv), output, 'uneven', data_dir, epochs=1)

@@ -23,6 +23,8 @@ _FILES = {
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 _DONE_MARKER = '.complete'
+# Part of the reuse marker: a folder written by another sampling scheme is rewritten, never reused.
+_LAYOUT = 'stratified-v1'
 
 
 def is_installed(source: str = DEFAULT_SOURCE) -> bool:
@@ -50,6 +52,24 @@ def load_split(split: str, source: str = DEFAULT_SOURCE):
     return images, labels
 
 
+def _stratified(rng: np.random.Generator, labels: np.ndarray, candidates: np.ndarray, size: int) -> np.ndarray:
+    """``size`` random indices out of ``candidates``: as many of each class, one more for ``size % 10`` of them.
+
+    Raises:
+        ValueError: A class has fewer candidates than its share.
+    """
+    classes = np.arange(len(CLASS_NAMES))
+    counts = np.full(len(classes), size // len(classes))
+    counts[rng.choice(len(classes), size % len(classes), replace=False)] += 1
+    chosen = []
+    for cls, count in zip(classes, counts):
+        pool = candidates[labels[candidates] == cls]
+        if len(pool) < count:
+            raise ValueError(f'class {CLASS_NAMES[cls]} has {len(pool)} images left, {count} are needed')
+        chosen.append(rng.choice(pool, count, replace=False))
+    return rng.permutation(np.concatenate(chosen))
+
+
 def _write_split(root: str, split: str, images: np.ndarray, labels: np.ndarray) -> None:
     for name in CLASS_NAMES:
         os.makedirs(os.path.join(root, split, name), exist_ok=True)
@@ -67,9 +87,13 @@ def prepare_folder(
 ) -> Dict[str, int]:
     """Write the train / validation / test folders, class-balanced random subsets when sizes are given.
 
+    Each subset of a given size is stratified: every class gets ``size // 10`` images and ``size % 10`` randomly
+    chosen classes one more. Validation is drawn first from the official training set, the training subset from
+    what it leaves (never an image of both); test comes from the official test set only.
+
     Args:
-        out: Output folder; reused as is when a previous call with the same sizes completed.
-        train_size: Training images (default: all that the validation split leaves).
+        out: Output folder; reused as is when a previous call with the same sizes and seed completed.
+        train_size: Training images (default: all that the validation split leaves, not rebalanced).
         val_size: Validation images carved from the official training set.
         test_size: Test images (default: all 10,000).
         seed: Seed of the split.
@@ -80,11 +104,12 @@ def prepare_folder(
 
     Raises:
         FileNotFoundError: The Debian package is not installed.
+        ValueError: An idx file is not of the expected kind, or a class has too few images for a size.
     """
     if not is_installed(source):
         raise FileNotFoundError(f"Fashion-MNIST not found in '{source}': apt-get install -y dataset-fashion-mnist")
     marker = os.path.join(out, _DONE_MARKER)
-    wanted = f'{train_size},{val_size},{test_size},{seed}'
+    wanted = f'{_LAYOUT},{train_size},{val_size},{test_size},{seed}'
     if os.path.isfile(marker) and open(marker).read() == wanted:
         return {split: sum(len(files) for _, _, files in os.walk(os.path.join(out, split)))
                 for split in ('train', 'validation', 'test')}
@@ -92,11 +117,12 @@ def prepare_folder(
         shutil.rmtree(os.path.join(out, split), ignore_errors=True)  # never mix images of two layouts
     rng = np.random.default_rng(seed)
     train_images, train_labels = load_split('train', source)
-    order = rng.permutation(len(train_images))
-    val_index = order[:val_size]
-    train_index = order[val_size:val_size + train_size] if train_size else order[val_size:]
+    val_index = _stratified(rng, train_labels, np.arange(len(train_images)), val_size)
+    rest = np.setdiff1d(np.arange(len(train_images)), val_index)
+    train_index = _stratified(rng, train_labels, rest, train_size) if train_size else rng.permutation(rest)
     test_images, test_labels = load_split('test', source)
-    test_index = rng.permutation(len(test_images))[:test_size] if test_size else np.arange(len(test_images))
+    all_test = np.arange(len(test_images))
+    test_index = _stratified(rng, test_labels, all_test, test_size) if test_size else all_test
     for split, images, labels in (
             ('train', train_images[train_index], train_labels[train_index]),
             ('validation', train_images[val_index], train_labels[val_index]),

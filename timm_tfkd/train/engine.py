@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from timm.task import TrainingTask
+from timm.task import TrainingTask, evaluation_sample_limit
 from timm.utils import dispatch_clip_grad
 
 from ..errors import NonFiniteLossError
@@ -204,9 +204,13 @@ def measure(
         model_dtype: Optional[torch.dtype] = None,
         progress: Optional[Callable[[int, int], None]] = None,
 ) -> ClassificationMetrics:
-    """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums."""
+    """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums.
+
+    The duplicates a distributed sampler pads the ranks with still run through the model (collectives stay
+    balanced) but are not counted, so the reduced metrics are those of the dataset itself.
+    """
     model.eval()
-    metrics = ClassificationMetrics(device)
+    metrics = ClassificationMetrics(device, max_samples=evaluation_sample_limit(loader))
     num_batches = len(loader)
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):

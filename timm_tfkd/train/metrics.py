@@ -1,11 +1,15 @@
 """Validation metrics that reduce exactly across ranks: top-1/5, NLL and expected calibration error."""
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 ECE_BINS = 15
+# A confidence within this many bin widths of an edge counts as on it. Softmax rounding leaves a confidence that
+# is exactly an edge in exact arithmetic (1/3 from three tied logits is 5/15) an ulp either side of it, which
+# would otherwise decide its bin at random.
+EDGE_TOLERANCE = 1e-9
 
 
 class ClassificationMetrics:
@@ -13,15 +17,21 @@ class ClassificationMetrics:
 
     Sums (not per-batch means) are kept so that uneven last batches and several ranks reduce exactly.
     ECE follows Guo et al. (2017): |accuracy - confidence| per equal-width confidence bin, weighted by the
-    bin's share of samples, reported in percent like top-1.
+    bin's share of samples, reported in percent like top-1. Bins are closed on the right as theirs: bin ``k``
+    holds ``k / bins < confidence <= (k + 1) / bins``, so a confidence on an edge ``k / bins`` falls in the bin
+    below it, ``((k - 1) / bins, k / bins]``, and a confidence of 1 in the last bin.
 
     Args:
         device: Where the sums live (the device of the logits).
         bins: Number of confidence bins.
+        max_samples: Ignore predictions past this many (a distributed sampler's padding, see timm's
+            ``evaluation_sample_limit``); None counts every prediction.
     """
 
-    def __init__(self, device: torch.device, bins: int = ECE_BINS):
+    def __init__(self, device: torch.device, bins: int = ECE_BINS, max_samples: Optional[int] = None):
         self.bins = bins
+        self.max_samples = max_samples
+        self.seen = 0
         # Rows: samples, NLL sum, top-1 correct, top-5 correct; then per bin: count, confidence sum, correct.
         self.totals = torch.zeros(4, dtype=torch.float64, device=device)
         self.bin_stats = torch.zeros(3, bins, dtype=torch.float64, device=device)
@@ -29,6 +39,13 @@ class ClassificationMetrics:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of logits (B, K) and class indices (B,)."""
+        if self.max_samples is not None:
+            # The padding a distributed sampler adds to even out the ranks comes last on each rank.
+            keep = max(0, self.max_samples - self.seen)
+            logits, target = logits[:keep], target[:keep]
+        self.seen += target.shape[0]
+        if not target.shape[0]:
+            return
         logits = logits.double()
         log_probs = F.log_softmax(logits, dim=-1)
         nll = F.nll_loss(log_probs, target, reduction='sum')
@@ -39,7 +56,7 @@ class ClassificationMetrics:
             torch.tensor(float(target.shape[0]), dtype=torch.float64, device=logits.device),
             nll, correct1.sum().double(), hits.any(dim=1).sum().double()])
         confidence = log_probs.max(dim=-1).values.exp()
-        bin_index = (confidence * self.bins).long().clamp_(max=self.bins - 1)
+        bin_index = (torch.ceil(confidence * self.bins - EDGE_TOLERANCE) - 1).long().clamp_(0, self.bins - 1)
         ones = torch.ones_like(confidence)
         self.bin_stats[0].index_add_(0, bin_index, ones)
         self.bin_stats[1].index_add_(0, bin_index, confidence)
