@@ -12,7 +12,7 @@ import torch
 from .checkpoint_io import load_state_dict_file
 from .errors import EvaluationError, TfKDError
 from .run_folder import METRIC_NAMES, RunFolder
-from .train.build import create_precision
+from .train.build import available_device, create_precision
 from .train.data import class_names, create_eval_loader, create_split_dataset
 from .train.engine import measure
 from .train.flags import create_parser
@@ -62,12 +62,14 @@ def evaluate_run(
     Raises:
         EvaluationError: The run folder, checkpoint or split cannot be used.
     """
+    if batch_size < 1 or workers < 0:
+        raise EvaluationError(f'batch size must be >= 1 and workers >= 0, got {batch_size} and {workers}')
     try:
         folder = RunFolder(run_dir)
         record = folder.read_record()
         args = _training_args(folder)
         checkpoint_path = folder.checkpoint(checkpoint)
-        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        device = available_device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         precision = create_precision(args, device)
         model = folder.create_model(record, vars(args))
         state_dict = load_state_dict_file(str(checkpoint_path))

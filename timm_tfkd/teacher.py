@@ -13,6 +13,7 @@ from .checkpoint_io import describe_mismatch, extract_state_dict, read_checkpoin
 from .data_config import channel_stats
 from .dtypes import DTYPES
 from .errors import CheckpointError, RunFolderError, TeacherError
+from .pretrained import pretrained_unavailable
 from .run_folder import RunFolder, architecture_kwargs
 
 _logger = logging.getLogger(__name__)
@@ -242,6 +243,9 @@ def create_self_teacher(
     if isinstance(source, nn.Module):
         model, identity = source, {'source': type(source).__name__}
     elif source.startswith(HUB_PREFIXES):
+        problem = pretrained_unavailable(source)
+        if problem:
+            raise TeacherError(f"cannot load teacher '{source}': {problem}")
         try:
             model = create_model(source, pretrained=True)
         except Exception as e:  # hub / file errors from timm and huggingface_hub, all fatal here
@@ -252,6 +256,9 @@ def create_self_teacher(
             raise TeacherError(f"teacher '{source}' needs a teacher model name")
         tag = source.partition(':')[2]
         full_name = f'{model_name}.{tag}' if tag else model_name
+        problem = pretrained_unavailable(full_name)
+        if problem:
+            raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {problem}")
         try:
             # With the student's num_classes, timm would drop a classifier trained for other classes and leave a
             # freshly initialized head, silently; built as published, the class check below refuses it instead.

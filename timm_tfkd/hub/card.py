@@ -152,9 +152,15 @@ def _recipe_rows(args: Dict[str, Any]) -> List[Tuple[str, Any]]:
 
 def _card_training_section(meta: Dict[str, Any], args: Dict[str, Any]) -> List[str]:
     versions = meta.get('versions') or {}
+    trained, planned = meta.get('epochs_trained'), meta.get('epochs')
+    if meta.get('finished'):
+        length = f'Trained for all {planned} epochs of its schedule'
+    else:
+        length = (f'Trained for {trained} of the {planned} epochs of its schedule: the run did not finish (it was '
+                  f'stopped, or was still training when exported)')
     return [
         '## Training', '',
-        f"Trained for {meta.get('epochs')} epochs on the `{meta.get('train_split')}` split, seed {meta.get('seed')}, "
+        f"{length}, on the `{meta.get('train_split')}` split, seed {meta.get('seed')}, "
         f"with timm {versions.get('timm', '?')}, timm-tfkd {versions.get('timm_tfkd', '?')} "
         f"and torch {versions.get('torch', '?')}.", '',
         '### Tf-KD settings', '',

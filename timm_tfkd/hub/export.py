@@ -42,6 +42,11 @@ class _Run:
     args: Dict[str, Any]
     summary: List[Dict[str, Optional[float]]]
 
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs the run completed (older records do not say: their summary does)."""
+        return self.record.epochs_trained if self.record.epochs_trained is not None else self.summary[-1]['epoch'] + 1
+
 
 @dataclass
 class _Selection:
@@ -186,6 +191,8 @@ def _metadata(run: _Run, selection: _Selection, weights_sha256: str) -> Dict[str
         'train_split': record.train_split,
         'eval_split': record.eval_split,
         'epochs': record.epochs,
+        'epochs_trained': run.epochs_trained,
+        'finished': run.epochs_trained >= (record.epochs or 0) if record.finished is None else record.finished,
         'seed': record.seed,
         'versions': record.versions,
         'final_metrics': record.final_metrics,
@@ -265,6 +272,9 @@ def export_run(
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = _read_run(run_dir)
+    holder = run.folder.holder()
+    if holder:
+        _logger.warning(f"'{run_dir}' is still being trained by {holder}: exporting its checkpoints so far")
     _check_out_dir(out_dir, run_dir)
     selection = _select_weights(run, checkpoint, use_ema)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from ..dtypes import DTYPES
 from ..errors import UsageError
 from ..factory import create_tfkd_task
 from ..methods import get_method
+from ..pretrained import pretrained_unavailable
 from ..run_folder import architecture_kwargs
 
 _logger = logging.getLogger(__name__)
@@ -31,6 +32,20 @@ class Precision:
     model_dtype: Optional[torch.dtype]
     autocast: Callable
     loss_scaler: Optional[NativeScaler]
+
+
+def available_device(name: str) -> torch.device:
+    """The device ``name`` names, checked to exist on this machine (a tensor is made on it).
+
+    Raises:
+        UsageError: torch does not know it, or this machine lacks it.
+    """
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError):
+        raise UsageError(f"device '{name}' is not available here") from None
+    return device
 
 
 def create_precision(args: argparse.Namespace, device: torch.device) -> Precision:
@@ -60,6 +75,10 @@ def create_student(args: argparse.Namespace) -> nn.Module:
     overlay = dict(args.pretrained_cfg_overlay or {})
     if args.pretrained_path:
         overlay = dict(file=args.pretrained_path, num_classes=-1, **overlay)  # -1: adapt the head
+    if args.pretrained and 'file' not in overlay:
+        problem = pretrained_unavailable(args.model)
+        if problem:
+            raise UsageError(f'--pretrained {args.model}: {problem}')
     if args.fast_norm:
         set_fast_norm()
     try:
@@ -117,6 +136,9 @@ def create_timm_criterion(args: argparse.Namespace, smoothing: float, mixup_acti
 
 
 def _timm_distillation_task(args, model, criterion, device, model_dtype, verbose) -> TrainingTask:
+    problem = pretrained_unavailable(args.kd_model_name)
+    if problem:
+        raise UsageError(f'--kd-model-name {args.kd_model_name}: {problem}')
     common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
                   distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
                   device=device, dtype=model_dtype, verbose=verbose)
@@ -146,8 +168,12 @@ def create_task(
         if args.kd_model_name is not None:
             try:
                 return _timm_distillation_task(args, model, criterion, device, model_dtype, verbose)
-            except RuntimeError as e:
-                raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': {e}") from None
+            except UsageError:
+                raise
+            except Exception as e:  # timm, torch and huggingface_hub errors of the teacher's creation or download
+                detail = ' '.join(str(e).split())[:300]
+                raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': "
+                                 f"{type(e).__name__}: {detail}") from None
     return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config,
                             num_train_samples=num_train_samples, device=device, dtype=model_dtype, verbose=verbose)
 

@@ -34,7 +34,7 @@ from ..run_folder import SUMMARY_FILE, RunFolder, RunRecord
 from ..tasks import SampleIndexed
 from ..version import __version__
 from .build import (
-    Precision, create_optimizer, create_precision, create_student, create_task, place_model, resolve_lr,
+    Precision, available_device, create_optimizer, create_precision, create_student, create_task, place_model, resolve_lr,
     student_in_chans,
 )
 from .checkpoint import create_saver, load_resume_point, restore_ema, restore_rng_state, restore_training_state
@@ -83,10 +83,12 @@ class Run:
 
 
 def _select_device(args: argparse.Namespace, explicit: set) -> None:
+    """timm's default --device cuda falls back to the CPU on a machine without CUDA; a device asked for must exist."""
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         if 'device' in explicit:
             raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
         args.device = 'cpu'
+    available_device(args.device)
 
 
 def _set_up(command_line: CommandLine) -> Tuple[argparse.Namespace, List[str]]:
@@ -101,10 +103,7 @@ def _set_up(command_line: CommandLine) -> Tuple[argparse.Namespace, List[str]]:
         importlib.import_module(module)
     _select_device(args, explicit)
     args.prefetcher = not args.no_prefetcher
-    try:
-        init_distributed_device(args)
-    except RuntimeError as e:  # e.g. a device string torch does not know
-        raise UsageError(f"--device {args.device}: {' '.join(str(e).split())}") from None
+    init_distributed_device(args)
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     random_seed(args.seed, args.rank)
