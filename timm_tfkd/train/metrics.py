@@ -39,7 +39,8 @@ class ClassificationMetrics:
             torch.tensor(float(target.shape[0]), dtype=torch.float64, device=logits.device),
             nll, correct1.sum().double(), hits.any(dim=1).sum().double()])
         confidence = log_probs.max(dim=-1).values.exp()
-        bin_index = (confidence * self.bins).long().clamp_(max=self.bins - 1)
+        # NaN logits (diverged weights) must not index out of range: the NaN then shows in the metrics instead.
+        bin_index = (confidence * self.bins).long().clamp_(0, self.bins - 1)
         ones = torch.ones_like(confidence)
         self.bin_stats[0].index_add_(0, bin_index, ones)
         self.bin_stats[1].index_add_(0, bin_index, confidence)
