@@ -2,7 +2,8 @@
 
 :func:`train` reads as four steps: :func:`_set_up` (arguments, device, processes), :func:`_prepare` (model, data,
 task, optimizer, where the run writes and what it resumes), :func:`_train_epochs` (the loop, writing the run folder
-through :mod:`timm_tfkd.run_folder`) and :func:`_finish` (the final line and the Hub).
+through :mod:`timm_tfkd.run_folder` and each epoch's row to the loggers of :mod:`.loggers`) and :func:`_finish` (the
+final line and the Hub).
 """
 import argparse
 import datetime
@@ -33,6 +34,7 @@ from .checkpoint import check_resume_path, create_saver, load_rng_state, restore
 from .config import CommandLine, parse_args
 from .data import SampleIndexRecorder, TrainData, create_train_data, mixup_settings
 from .engine import LoopContext, train_one_epoch, validate
+from .loggers import EpochLoggers, check_logging_args, create_epoch_loggers, epoch_row
 from .policy import check_smoothing, check_supported, mixup_smoothing, resolve_smoothing
 from .publish import check_hub_args, publish_run
 
@@ -108,6 +110,7 @@ def _set_up(command_line: CommandLine) -> argparse.Namespace:
     args, explicit = command_line.args, command_line.explicit
     check_supported(args)
     check_hub_args(args)
+    check_logging_args(args)
     for module in args.device_modules or ():
         importlib.import_module(module)
     _select_device(args, explicit)
@@ -208,7 +211,8 @@ def _validate(run: Run, ctx: LoopContext, eval_metric: str):
 
 
 def _train_epochs(run: Run) -> Tuple[Optional[Dict[str, float]], Optional[Dict[str, float]]]:
-    """The epoch loop; rank 0 writes the run folder. Returns the last validation metrics of the model and EMA."""
+    """The epoch loop; rank 0 writes the run folder and the epoch loggers. Returns the last validation metrics of the
+    model and EMA."""
     args, task, optimizer, plan = run.args, run.task, run.optimizer, run.plan
     eval_metric = args.eval_metric if run.data.loader_eval is not None else 'loss'
     decreasing = eval_metric in DECREASING_METRICS
@@ -225,7 +229,7 @@ def _train_epochs(run: Run) -> Tuple[Optional[Dict[str, float]], Optional[Dict[s
     sample_index = SampleIndexRecorder(run.data.loader_train) if isinstance(task, SampleIndexed) else None
 
     # Everything that can fail on bad input has been built: only now does the run folder appear.
-    saver = None
+    saver, loggers = None, EpochLoggers()
     if run.primary:
         os.makedirs(plan.folder.path, exist_ok=True)
         saver = create_saver(task, optimizer, args, str(plan.folder.path), run.precision.loss_scaler, decreasing)
@@ -238,6 +242,7 @@ def _train_epochs(run: Run) -> Tuple[Optional[Dict[str, float]], Optional[Dict[s
             _logger.info(f'{SUMMARY_FILE}: dropped {dropped} row(s) of epochs trained again from epoch {start_epoch}')
         plan.folder.write_args(run.command_line.yaml)
         _logger.info(f'Output folder: {plan.folder.path}. Epochs {start_epoch} to {end_epoch - 1} of {num_epochs}.')
+        loggers = create_epoch_loggers(args, plan.folder.path.name)
     if plan.resume_path:
         rng_state = load_rng_state(plan.resume_path)
         if rng_state is not None and args.world_size == 1:
@@ -251,35 +256,38 @@ def _train_epochs(run: Run) -> Tuple[Optional[Dict[str, float]], Optional[Dict[s
         sample_index=sample_index,
     )
     final, final_ema, best_epoch = None, None, None
-    for epoch in range(start_epoch, end_epoch):
-        loader = run.data.loader_train
-        sampler = getattr(loader, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
-        train_metrics = train_one_epoch(ctx, loader, epoch)
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-        epoch_done = epoch + 1
-        if epoch_done % args.val_interval != 0 and epoch_done != end_epoch:
+    with loggers:  # closed also when the run fails
+        for epoch in range(start_epoch, end_epoch):
+            loader = run.data.loader_train
+            sampler = getattr(loader, 'sampler', None)
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(epoch)
+            train_metrics = train_one_epoch(ctx, loader, epoch)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+            epoch_done = epoch + 1
+            if epoch_done % args.val_interval != 0 and epoch_done != end_epoch:
+                if lr_scheduler is not None:
+                    lr_scheduler.step(epoch_done, metric=None)
+                continue
+            eval_metrics: Dict[str, float] = {}
+            latest = train_metrics['loss']
+            if run.data.loader_eval is not None:
+                final, final_ema, latest = _validate(run, ctx, eval_metric)
+                eval_metrics.update(final)
+                eval_metrics.update({f'ema_{k}': v for k, v in (final_ema or {}).items()})
+            if saver is not None:
+                lrs = [group['lr'] for group in optimizer.param_groups]
+                lr = sum(lrs) / len(lrs)
+                update_summary(epoch, train_metrics, eval_metrics, str(plan.folder.file(SUMMARY_FILE)), lr=lr,
+                               write_header=None)
+                loggers.log_epoch(epoch, epoch_row(epoch, train_metrics, eval_metrics, lr))
+                _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
+                if args.save_epochs and epoch_done in args.save_epochs:
+                    saver.save_milestone(epoch_done)
+                plan.folder.write_record(_record(run, final, final_ema, best_epoch))
             if lr_scheduler is not None:
-                lr_scheduler.step(epoch_done, metric=None)
-            continue
-        eval_metrics: Dict[str, float] = {}
-        latest = train_metrics['loss']
-        if run.data.loader_eval is not None:
-            final, final_ema, latest = _validate(run, ctx, eval_metric)
-            eval_metrics.update(final)
-            eval_metrics.update({f'ema_{k}': v for k, v in (final_ema or {}).items()})
-        if saver is not None:
-            lrs = [group['lr'] for group in optimizer.param_groups]
-            update_summary(epoch, train_metrics, eval_metrics, str(plan.folder.file(SUMMARY_FILE)),
-                           lr=sum(lrs) / len(lrs), write_header=None)
-            _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
-            if args.save_epochs and epoch_done in args.save_epochs:
-                saver.save_milestone(epoch_done)
-            plan.folder.write_record(_record(run, final, final_ema, best_epoch))
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch_done, latest)
+                lr_scheduler.step(epoch_done, latest)
     return final, final_ema
 
 

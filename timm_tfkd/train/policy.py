@@ -17,7 +17,6 @@ UNSUPPORTED_FLAGS = {
     'aug_splits': 'AugMix splits',
     'split_bn': 'AugMix splits',
     'jsd_loss': 'AugMix splits',
-    'log_wandb': 'Weights & Biases logging',
     'torchscript': 'TorchScript',
     'fuser': 'TorchScript',
     'tta': 'test-time augmentation in validation',
