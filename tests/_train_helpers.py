@@ -170,6 +170,39 @@ def assert_run_files(run_dir: Path, epochs: int, extra: Optional[Sequence[str]] 
     assert checkpoint['epoch'] == epochs - 1
 
 
+def use_offline_wandb(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    """W&B offline and quiet (no network, no login), its runs under ``root/wandb``, for this process and the
+    subprocesses it starts. W&B reads these settings once per service: call ``wandb.teardown()`` after the test."""
+    root.mkdir(parents=True, exist_ok=True)
+    for key, value in {'WANDB_MODE': 'offline', 'WANDB_DIR': root, 'WANDB_SILENT': 'true',
+                       'WANDB_CONFIG_DIR': root / 'config', 'WANDB_CACHE_DIR': root / 'cache',
+                       'WANDB_ERROR_REPORTING': 'false', 'WANDB_DISABLE_GIT': 'true'}.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.delenv('WANDB_API_KEY', raising=False)
+    return root
+
+
+def wandb_records(root: Path) -> List[Dict[str, Any]]:
+    """The records of the one offline W&B run under ``root`` (see :func:`use_offline_wandb`), decoded by wandb's own
+    reader of its ``.wandb`` transaction log (``wandb leet inspect --json``)."""
+    files = sorted(root.glob('wandb/offline-run-*/run-*.wandb'))
+    assert len(files) == 1, files
+    result = run_subprocess([sys.executable, '-m', 'wandb', 'leet', 'inspect', '--json', files[0]], timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def tensorboard_scalars(log_dir: Path) -> Dict[str, Dict[int, float]]:
+    """Every scalar of the TensorBoard event files in ``log_dir``, read by TensorBoard's own reader: tag -> {step:
+    value}."""
+    # Imported here: TensorBoard takes seconds to import and most trainer tests do not need it.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
+    accumulator.Reload()
+    return {tag: {event.step: event.value for event in accumulator.Scalars(tag)}
+            for tag in accumulator.Tags()['scalars']}
+
+
 def build_task(argv: Sequence[str], device: str = 'cpu') -> Tuple[argparse.Namespace, TrainingTask]:
     """The task the trainer builds for a command line, through the trainer's own steps: parse (YAML and flags),
     what was set explicitly, the usage checks, the smoothing policy, the student, then the task builder. No data

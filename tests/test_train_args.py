@@ -276,7 +276,6 @@ UNSUPPORTED_ARGV = {
     'aug_splits': ['--aug-splits', '3'],
     'split_bn': ['--split-bn'],
     'jsd_loss': ['--jsd-loss'],
-    'log_wandb': ['--log-wandb'],
     'torchscript': ['--torchscript'],
     'fuser': ['--fuser', 'te'],
     'tta': ['--tta', '2'],

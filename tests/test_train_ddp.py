@@ -1,11 +1,12 @@
-"""Two processes with torchrun on CPU (gloo): rank 0 alone writes, validation metrics reduce exactly (also when the
-ranks cannot split the validation set evenly and the sampler pads it), and the Tf-KD-self teacher is never wrapped
-in DDP."""
+"""Two processes with torchrun on CPU (gloo): rank 0 alone writes (run folder and epoch loggers), validation metrics
+reduce exactly (also when the ranks cannot split the validation set evenly and the sampler pads it), and the
+Tf-KD-self teacher is never wrapped in DDP."""
 import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,8 @@ from timm.models import create_model
 
 from conftest import write_image_folder
 from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    TRAIN_SCRIPT, load_state_dict, one_torch_thread, read_run_info, read_summary, run_subprocess, tiny_args,
-    train_in_process,
+    TRAIN_SCRIPT, load_state_dict, one_torch_thread, read_run_info, read_summary, run_subprocess, tensorboard_scalars,
+    tiny_args, train_in_process, use_offline_wandb, wandb_records,
 )
 
 pytestmark = pytest.mark.slow
@@ -121,11 +122,20 @@ def test_ddp_self_with_teacher(workdir, data_dir, teacher_run):
     assert read_run_info(run)['tfkd']['teacher']['source'] == teacher_run.name
 
 
-def test_ddp_reg(workdir, data_dir):
-    output = workdir / 'out-reg'
-    argv = tiny_args(data_dir, output, 'reg', '--tfkd-mode', 'reg', epochs=EPOCHS, batch_size=BATCH)
+def test_ddp_reg(workdir, data_dir, monkeypatch):
+    output, log_dir = workdir / 'out-reg', workdir / 'tb-reg'
+    wandb_root = use_offline_wandb(monkeypatch, workdir / 'wandb-reg')
+    argv = tiny_args(data_dir, output, 'reg', '--tfkd-mode', 'reg', '--log-tensorboard', log_dir, '--log-wandb',
+                     epochs=EPOCHS, batch_size=BATCH)
     run = _check_ddp_run(_torchrun(argv), output, 'reg', data_dir)
-    assert all(row['train_kd_loss'] > 0 and math.isfinite(row['train_loss']) for row in read_summary(run))
+    summary = read_summary(run)
+    assert all(row['train_kd_loss'] > 0 and math.isfinite(row['train_loss']) for row in summary)
+    # Rank 0 alone logs: one event file and one W&B run, each holding summary.csv's rows once.
+    assert len(list(log_dir.glob('events.out.tfevents.*'))) == 1
+    assert tensorboard_scalars(log_dir)['eval_top1'] == {row['epoch']: float(np.float32(row['eval_top1']))
+                                                         for row in summary}
+    history = [record['history']['item'] for record in wandb_records(wandb_root) if record['type'] == 'history']
+    assert [item['eval_nll'] for item in history] == [row['eval_nll'] for row in summary]
 
 
 def test_ddp_metrics_count_each_image_once_when_the_sampler_pads(workdir):

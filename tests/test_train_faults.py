@@ -160,3 +160,20 @@ def test_non_finite_loss_stops_with_previous_checkpoint_intact(workdir, data_dir
     assert (run / 'last.pth.tar').read_bytes() == (run / 'checkpoint-0.pth.tar').read_bytes()
     assert [row['epoch'] for row in read_summary(run)] == [0]
     assert not (run / 'tmp.pth.tar').exists()
+
+
+def test_weights_diverged_by_the_last_step_stop_before_their_checkpoint(workdir, data_dir, capsys):
+    # One batch per epoch: epoch 1's only step has a finite loss, but its 1e30 update leaves non-finite weights,
+    # which only validation can see. They must not replace epoch 0's checkpoint.
+    output = workdir / 'out-nan-last-step'
+    argv = tiny_args(data_dir, output, 'nan', '--lr', '1e30', '--warmup-epochs', '1', '--warmup-lr', '1e-6',
+                     epochs=3, batch_size=24)
+    code = call_main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert 'non-finite model outputs in validation' in err and 'Traceback' not in err
+    run = output / 'nan'
+    checkpoint = read_checkpoint(str(run / 'last.pth.tar'))
+    assert checkpoint['epoch'] == 0
+    assert all(torch.isfinite(t).all() for t in checkpoint['state_dict'].values() if t.is_floating_point())
+    assert [row['epoch'] for row in read_summary(run)] == [0]

@@ -229,13 +229,22 @@ def measure(
 
 
 def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Test') -> Dict[str, float]:
-    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks."""
+    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks.
+
+    Raises:
+        NonFiniteLossError: The model's outputs are not finite (on every rank alike: the sums are reduced first).
+    """
     args = ctx.args
     progress = Progress(ctx.is_primary, args.log_interval, live_only=True)
     metrics = measure(model, loader, ctx.device, args.prefetcher, args.channels_last, ctx.amp_autocast,
                       ctx.model_dtype, progress=lambda index, total: progress.update(label, index, total, ''))
     metrics.reduce()
     result = metrics.compute()
+    if not math.isfinite(result['nll']):
+        # The last update of the epoch made the weights non-finite (its loss was still finite): stop before this
+        # epoch's checkpoint replaces the last good one.
+        raise NonFiniteLossError(f'non-finite model outputs in validation ({label}): training diverged in the last '
+                                 f'step(s); the last saved checkpoint is unchanged')
     if ctx.is_primary:
         _logger.info(f"{label}: Acc@1 {result['top1']:.3f}  Acc@5 {result['top5']:.3f}  NLL {result['nll']:.4f}  "
                      f"ECE {result['ece']:.2f}")

@@ -1,5 +1,6 @@
 """The mirror of timm's ``train.py`` command line: every flag with timm's option strings, destinations, defaults,
-types and groups (so any timm training command or ``args.yaml`` works unchanged), then the Tf-KD and Hub groups.
+types and groups (so any timm training command or ``args.yaml`` works unchanged), then the Tf-KD, Hub and Logging
+groups.
 
 Declarations only: reading ``-c`` YAML files and parsing live in :mod:`.config`, the checks in :mod:`.policy`.
 """
@@ -10,6 +11,7 @@ from typing import Optional, Sequence
 from timm.loss import LOSS_TYPES
 
 from ..args import add_tfkd_args
+from .loggers import add_logging_args
 from .publish import add_hub_args
 
 # Flags that timm 1.0.31 added after the train.py snapshot in tests/data/timm_train_args.json.
@@ -64,7 +66,7 @@ class ParseKwargs(argparse.Action):
 
 
 def create_parser() -> argparse.ArgumentParser:
-    """Build the trainer's parser: timm 1.0.31's ``train.py`` flags followed by the Tf-KD and Hub groups.
+    """Build the trainer's parser: timm 1.0.31's ``train.py`` flags followed by the Tf-KD, Hub and Logging groups.
 
     Returns:
         A parser without ``-c/--config``; :func:`~timm_tfkd.train.config.parse_args` reads the config file first.
@@ -86,6 +88,7 @@ def create_parser() -> argparse.ArgumentParser:
     _add_misc_args(parser)
     add_tfkd_args(parser)
     add_hub_args(parser)
+    add_logging_args(parser)
     return parser
 
 
@@ -642,7 +645,7 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Keep loader workers alive across epochs.')
     group.add_argument(
         '--log-wandb', action='store_true', default=False,
-        help='Log to Weights & Biases (not supported by this trainer).')
+        help="Log each epoch's summary.csv row to Weights & Biases (rank 0). Needs the wandb package.")
     group.add_argument(
         '--wandb-project', default=None, type=str, metavar='NAME',
         help='Weights & Biases project.')
@@ -651,7 +654,7 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Weights & Biases tags.')
     group.add_argument(
         '--wandb-resume-id', default='', type=str, metavar='ID',
-        help='Weights & Biases run to resume.')
+        help='Weights & Biases run to resume (needs --resume).')
     group.add_argument(
         '--train-img-sizes', default=None, nargs='+', type=int, metavar='N',
         help='Image sizes for variable-resolution training (not supported by this trainer).')

@@ -2,8 +2,9 @@
 
 :func:`train` reads as four steps: :func:`_set_up` (arguments, device, processes), :func:`_prepare` (data, model,
 task, optimizer, schedule, where the run writes and what it continues), :func:`_train_epochs` (the loop, writing
-the run folder through :mod:`timm_tfkd.run_folder`) and :func:`_finish` (the final line and the Hub). Everything
-that can be refused is refused before the run folder is touched.
+the run folder through :mod:`timm_tfkd.run_folder` and each epoch's row to the loggers of :mod:`.loggers`) and
+:func:`_finish` (the final line and the Hub). Everything that can be refused is refused before the run folder is
+touched.
 """
 import argparse
 import datetime
@@ -43,6 +44,7 @@ from .data import TrainData, TrainSampler, create_train_data, install_train_samp
     resolve_num_classes
 from .engine import LoopContext, train_one_epoch, validate
 from .flags import create_parser
+from .loggers import EpochLoggers, create_epoch_loggers, epoch_row
 from .policy import check_config, check_smoothing, mixup_smoothing, resolve_smoothing
 from .publish import publish_run
 from .resume import RunPlan, plan_run
@@ -301,11 +303,12 @@ def _start_record(run: Run, folder: RunFolder) -> None:
 
 
 def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[str, float]], Optional[Dict]]:
-    """The epoch loop; rank 0 writes ``folder``. Returns the last validation metrics of the model and its EMA."""
+    """The epoch loop; rank 0 writes ``folder`` and the epoch loggers. Returns the last validation metrics of the
+    model and its EMA."""
     args, task, optimizer, point = run.args, run.task, run.optimizer, run.plan.resume
     eval_metric = args.eval_metric if run.data.loader_eval is not None else 'loss'
     start_epoch, end_epoch = run.start_epoch, run.end_epoch
-    saver = None
+    saver, loggers = None, EpochLoggers()
     if folder is not None:
         saver = create_saver(task, optimizer, args, str(folder.path), run.precision.loss_scaler,
                              eval_metric in DECREASING_METRICS)
@@ -317,6 +320,7 @@ def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[
             _logger.info(f'{SUMMARY_FILE}: dropped {dropped} row(s) of epochs trained again from epoch {start_epoch}')
         _start_record(run, folder)
         _logger.info(f'Output folder: {folder.path}. Epochs {start_epoch} to {end_epoch - 1} of {run.num_epochs}.')
+        loggers = create_epoch_loggers(args, folder.path.name)
     if point is not None and point.rng_state is not None and args.world_size == 1:
         restore_rng_state(point.rng_state)
     resumed = point.progress if point is not None and point.epoch == start_epoch else None
@@ -331,39 +335,42 @@ def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[
         train_sampler=run.train_sampler,
     )
     final, final_ema, best_epoch = None, None, None
-    for epoch in range(start_epoch, end_epoch):
-        sampler = run.train_sampler or getattr(run.data.loader_train, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
-        if resumed is not None:
-            run.train_sampler.skip_next(resumed.batches * args.batch_size)
-        train_metrics = train_one_epoch(ctx, run.data.loader_train, epoch, resumed)
-        resumed = None
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-        epoch_done = epoch + 1
-        if epoch_done % args.val_interval != 0 and epoch_done != end_epoch:
+    with loggers:  # closed also when the run fails
+        for epoch in range(start_epoch, end_epoch):
+            sampler = run.train_sampler or getattr(run.data.loader_train, 'sampler', None)
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(epoch)
+            if resumed is not None:
+                run.train_sampler.skip_next(resumed.batches * args.batch_size)
+            train_metrics = train_one_epoch(ctx, run.data.loader_train, epoch, resumed)
+            resumed = None
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+            epoch_done = epoch + 1
+            if epoch_done % args.val_interval != 0 and epoch_done != end_epoch:
+                if run.lr_scheduler is not None:
+                    run.lr_scheduler.step(epoch_done, metric=None)
+                continue
+            eval_metrics: Dict[str, float] = {}
+            latest = train_metrics['loss']
+            if run.data.loader_eval is not None:
+                final, final_ema, latest = _validate(run, ctx, eval_metric)
+                eval_metrics.update(final)
+                eval_metrics.update({f'ema_{k}': v for k, v in (final_ema or {}).items()})
+            if saver is not None:
+                lrs = [group['lr'] for group in optimizer.param_groups]
+                lr = sum(lrs) / len(lrs)
+                with _writing(folder, f'the checkpoint of epoch {epoch}'):
+                    update_summary(epoch, train_metrics, eval_metrics, str(folder.file(SUMMARY_FILE)), lr=lr,
+                                   write_header=None)
+                    _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
+                    if args.save_epochs and epoch_done in args.save_epochs:
+                        saver.save_milestone(epoch_done)
+                    saver.remove_recoveries_through(epoch)
+                    folder.write_record(_record(run, final, final_ema, best_epoch, epoch_done))
+                loggers.log_epoch(epoch, epoch_row(epoch, train_metrics, eval_metrics, lr))
             if run.lr_scheduler is not None:
-                run.lr_scheduler.step(epoch_done, metric=None)
-            continue
-        eval_metrics: Dict[str, float] = {}
-        latest = train_metrics['loss']
-        if run.data.loader_eval is not None:
-            final, final_ema, latest = _validate(run, ctx, eval_metric)
-            eval_metrics.update(final)
-            eval_metrics.update({f'ema_{k}': v for k, v in (final_ema or {}).items()})
-        if saver is not None:
-            lrs = [group['lr'] for group in optimizer.param_groups]
-            with _writing(folder, f'the checkpoint of epoch {epoch}'):
-                update_summary(epoch, train_metrics, eval_metrics, str(folder.file(SUMMARY_FILE)),
-                               lr=sum(lrs) / len(lrs), write_header=None)
-                _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
-                if args.save_epochs and epoch_done in args.save_epochs:
-                    saver.save_milestone(epoch_done)
-                saver.remove_recoveries_through(epoch)
-                folder.write_record(_record(run, final, final_ema, best_epoch, epoch_done))
-        if run.lr_scheduler is not None:
-            run.lr_scheduler.step(epoch_done, latest)
+                run.lr_scheduler.step(epoch_done, latest)
     return final, final_ema
 
 

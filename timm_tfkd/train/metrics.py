@@ -56,6 +56,7 @@ class ClassificationMetrics:
             torch.tensor(float(target.shape[0]), dtype=torch.float64, device=logits.device),
             nll, correct1.sum().double(), hits.any(dim=1).sum().double()])
         confidence = log_probs.max(dim=-1).values.exp()
+        # The clamp also keeps NaN logits (diverged weights) from indexing out of range.
         bin_index = (torch.ceil(confidence * self.bins - EDGE_TOLERANCE) - 1).long().clamp_(0, self.bins - 1)
         ones = torch.ones_like(confidence)
         self.bin_stats[0].index_add_(0, bin_index, ones)

@@ -11,6 +11,7 @@ from ..methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get
 from .build import student_in_chans
 from .data import mixup_settings
 from .flags import create_parser
+from .loggers import check_logging_args
 from .publish import check_hub_args
 
 # timm flags the trainer accepts (so timm commands parse) but refuses when set away from their default.
@@ -22,7 +23,6 @@ UNSUPPORTED_FLAGS = {
     'aug_splits': 'AugMix splits',
     'split_bn': 'AugMix splits',
     'jsd_loss': 'AugMix splits',
-    'log_wandb': 'Weights & Biases logging',
     'torchscript': 'TorchScript',
     'fuser': 'TorchScript',
     'tta': 'test-time augmentation in validation',
@@ -233,14 +233,15 @@ def check_writable_folder(path: str, option: str) -> None:
     Raises:
         UsageError: One line naming the option.
     """
+    if not path:
+        raise UsageError(f'{option} needs a folder, got an empty string')
     target = os.path.abspath(path)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise UsageError(f"{option} '{path}' is a file, not a folder")
     existing = target
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"{option} '{path}' cannot be created: '{existing}' is a file")
+        where = '' if existing == target else f" ('{existing}' is a file in its way)"
+        raise UsageError(f"{option} '{path}' is not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} '{path}' cannot be written: no write permission in '{existing}'")
 
@@ -257,7 +258,10 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
     check_supported(args)
     check_values(args)
     check_hub_args(args)
+    check_logging_args(args)
     check_writable_folder(args.output or DEFAULT_OUTPUT, '--output')
+    if args.log_tensorboard is not None:
+        check_writable_folder(args.log_tensorboard, '--log-tensorboard')
     if args.export_dir is not None:
         check_writable_folder(args.export_dir, '--export-dir')
         if os.path.isdir(args.export_dir) and os.listdir(args.export_dir) and not is_export(args.export_dir):
