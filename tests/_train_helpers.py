@@ -37,15 +37,6 @@ SUMMARY_COLUMNS = ('epoch', 'train_loss', 'train_task_loss', 'train_kd_loss', 'e
                    'eval_top5', 'eval_nll', 'eval_ece', 'lr')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one thread than on two that contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_args(data_dir, output, experiment, *extra, model: str = 'test_resnet', epochs: int = 1,
               num_classes: int = 3, img_size: int = 16, batch_size: int = 8) -> List[str]:
     """The flags of a tiny CPU run (no warmup, a fixed learning rate, no loader workers), plus ``extra``."""

@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 import huggingface_hub.constants as hf_constants
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -29,6 +30,28 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
                     pixels = np.stack([pixels, pixels[::-1], pixels.T], axis=-1)
                 Image.fromarray(pixels, mode=mode).save(folder / f'{index}.png')
     return root
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one thread than on two that contend (measured
+    ten times slower with two), and runs in the same process stay comparable bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def workdir(request, tmp_path_factory) -> Path:
+    """A folder shared by the tests of one module (its runs, data and exports), named after the module."""
+    return tmp_path_factory.mktemp(request.module.__name__.replace('test_', ''))
+
+
+@pytest.fixture(scope='module')
+def data_dir(workdir) -> Path:
+    """The module's 3-class, 16 px RGB image folder with train and validation splits (8 images per class)."""
+    return write_image_folder(workdir / 'data')
 
 
 @pytest.fixture(autouse=True)

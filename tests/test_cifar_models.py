@@ -86,14 +86,6 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    # With tensors this small, waking and syncing a second thread on a shared CPU costs far more than the work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(params=MODEL_NAMES)
 def name(request: pytest.FixtureRequest) -> str:

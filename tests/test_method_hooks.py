@@ -16,8 +16,8 @@ from timm_tfkd import EpochHooks, SampleIndexed, methods
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.methods import Method
 from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_state_dicts_equal, load_state_dict, one_torch_thread, read_summary, tiny_args, train_in_process,
+from _train_helpers import (
+    assert_state_dicts_equal, load_state_dict, read_summary, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow

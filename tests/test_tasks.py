@@ -54,15 +54,6 @@ KD_TEACHER = {
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # The models here are tiny: on a shared, loaded CPU, intra-op threads only wait on each other (measured
-    # ten times slower with two threads than with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(name, seed=0, num_classes=K):
     torch.manual_seed(seed)

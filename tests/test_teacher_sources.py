@@ -19,8 +19,8 @@ from timm.models import save_for_hf
 from timm_tfkd import TeacherError, add_tfkd_args, create_self_teacher, create_tfkd_task
 
 from conftest import publish_to_cache, write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    build_task, call_main, one_torch_thread, run_subprocess, script_command, tiny_args,
+from _train_helpers import (
+    build_task, call_main, run_subprocess, script_command, tiny_args,
 )
 
 pytestmark = pytest.mark.usefixtures('offline_hub')

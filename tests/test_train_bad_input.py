@@ -1,5 +1,10 @@
-"""Bad input to the trainer: exit code 2, exactly one line on stderr naming the problem, no traceback, and no
-output folder."""
+"""Bad input to the trainer and to ``timm-tfkd evaluate``: exit code 2, exactly one line on stderr naming the
+problem, no traceback, and nothing written (no output folder; an earlier run folder unchanged).
+
+One table row per kind of input: numbers out of range, output locations that cannot be written, data whose splits
+or class count do not fit, checkpoints to resume that do not fit or are damaged, resumes with other settings, Hub
+and teacher sources that cannot work.
+"""
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,10 +13,10 @@ import pytest
 import torch
 from timm.models import create_model
 
-from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    call_main, one_torch_thread, run_subprocess, script_command, tiny_args,
-)
+from timm_tfkd.checkpoint_io import read_checkpoint
+from timm_tfkd.cli import main as cli_main
+from conftest import use_offline_hub, write_image_folder
+from _train_helpers import call_main, run_subprocess, script_command, tiny_args, train_in_process
 
 
 def _save_teacher(path: Path, model_name: str, num_classes: int = 3, in_chans: int = 3) -> Path:
@@ -22,19 +27,70 @@ def _save_teacher(path: Path, model_name: str, num_classes: int = 3, in_chans: i
     return path
 
 
+def flip_a_weight_byte(source: Path, target: Path) -> Path:
+    """Copy a training checkpoint with one bit changed inside its largest weight tensor, as a failing disk would
+    (torch reads such a file without complaint: it does not check the zip's CRC)."""
+    weights = read_checkpoint(str(source))['state_dict']
+    largest = max(weights.values(), key=lambda t: t.numel()).contiguous()
+    data = bytearray(source.read_bytes())
+    position = data.find(largest.view(torch.uint8).numpy().tobytes()[:256])
+    assert position >= 0
+    data[position + 100] ^= 0x10
+    target.write_bytes(bytes(data))
+    return target
+
+
+def _without_experiment(argv):
+    argv = list(map(str, argv))
+    index = argv.index('--experiment')
+    return argv[:index] + argv[index + 2:]
+
+
+def _mismatched_splits(root: Path) -> Path:
+    """train {class_0, class_1, class_2}, validation {class_0, class_1, class_3}."""
+    data = write_image_folder(root, per_class=3)
+    (data / 'validation' / 'class_2').rename(data / 'validation' / 'class_3')
+    return data
+
+
+def _empty_train_class(root: Path) -> Path:
+    """class_1's training folder exists but holds no image: timm's labels of class_2 would become 1."""
+    data = write_image_folder(root, per_class=3)
+    for image in (data / 'train' / 'class_1').iterdir():
+        image.unlink()
+    return data
+
+
 @pytest.fixture(scope='module')
 def paths(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp('bad-input')
     empty = root / 'empty'
     empty.mkdir()
+    a_file = root / 'a-file'
+    a_file.write_text('not a folder')
+    not_an_export = root / 'not-an-export'
+    not_an_export.mkdir()
+    (not_an_export / 'notes.txt').write_text('keep me')
     corrupt = root / 'corrupt.pth.tar'
     corrupt.write_bytes(os.urandom(4096))
     bad_yaml = root / 'bad.yaml'
     bad_yaml.write_text('batch_size: 8\nno_such_option: 1\n')
     teachers = root / 'teachers'
     teachers.mkdir()
+    data = write_image_folder(root / 'data', per_class=3)  # 9 images: one batch of 8
+    trained = train_in_process(tiny_args(data, root / 'runs', 'trained'))
+    # Named as timm names a run without --experiment: what --resume auto without --experiment looks for.
+    train_in_process(tiny_args(data, root / 'runs', '20260101-000000-test_resnet-16'))
     return SimpleNamespace(
-        data=write_image_folder(root / 'data', per_class=3),  # 9 images: one batch of 8
+        data=data,
+        data5=write_image_folder(root / 'data5', classes=5, per_class=2),
+        mismatched=_mismatched_splits(root / 'mismatched'),
+        empty_class=_empty_train_class(root / 'empty-class'),
+        a_file=a_file,
+        not_an_export=not_an_export,
+        runs=root / 'runs',
+        trained=trained,
+        damaged=flip_a_weight_byte(trained / 'last.pth.tar', root / 'damaged.pth.tar'),
         gray=write_image_folder(root / 'gray', per_class=3, channels=1),
         no_val=write_image_folder(root / 'no-val', per_class=3, splits=('train',)),
         empty=empty,
@@ -89,6 +145,67 @@ CASES = {
         ['--resume', 'does not exist']),
     'config-unknown-key': (
         lambda p, out: ['-c', p.bad_yaml, *tiny_args(p.data, out, 'bad')], ["'no_such_option'", 'unknown key']),
+    # Numbers that timm or torch would take unchecked.
+    'epochs-zero': (_args('data', epochs=0), ['--epochs', '>= 1', 'got 0']),
+    'batch-size-zero': (_args('data', batch_size=0), ['--batch-size', '>= 1']),
+    'validation-batch-size-zero': (_args('data', '-vb', '0'), ['--validation-batch-size', '>= 1']),
+    'img-size-zero': (_args('data', img_size=0), ['--img-size', '>= 1']),
+    'input-size-zero': (_args('data', '--input-size', '3', '0', '16'), ['--input-size', '>= 1']),
+    'workers-negative': (_args('data', '-j', '-1'), ['--workers', '>= 0']),
+    'log-interval-zero': (_args('data', '--log-interval', '0'), ['--log-interval']),
+    'val-interval-zero': (_args('data', '--val-interval', '0'), ['--val-interval']),
+    'recovery-interval-negative': (_args('data', '--recovery-interval', '-1'), ['--recovery-interval']),
+    'checkpoint-hist-zero': (_args('data', '--checkpoint-hist', '0'), ['--checkpoint-hist']),
+    'grad-accum-steps-zero': (_args('data', '--grad-accum-steps', '0'), ['--grad-accum-steps']),
+    'stop-epoch-zero': (_args('data', '--stop-epoch', '0'), ['--stop-epoch']),
+    'save-epochs-zero': (_args('data', '--save-epochs', '0'), ['--save-epochs']),
+    'smoothing-one': (_args('data', '--smoothing', '1'), ['--smoothing', '[0, 1)']),
+    'mixup-prob-above-one': (_args('data', '--mixup', '0.2', '--mixup-prob', '1.5'), ['--mixup-prob', '1.5']),
+    'hflip-nan': (_args('data', '--hflip', 'nan'), ['--hflip', 'nan']),
+    'reprob-negative': (_args('data', '--reprob', '-0.1'), ['--reprob']),
+    'drop-one': (_args('data', '--drop', '1'), ['--drop', '[0, 1)']),
+    'scale-reversed': (_args('data', '--scale', '0.9', '0.2'), ['--scale', '0.9 0.2']),
+    'lr-zero': (_args('data', '--lr', '0'), ['--lr', '> 0']),
+    'weight-decay-negative': (_args('data', '--weight-decay', '-1'), ['--weight-decay']),
+    'model-ema-decay-above-one': (_args('data', '--model-ema', '--model-ema-decay', '2'), ['--model-ema-decay']),
+    'num-classes-zero': (_args('data', num_classes=0), ['--num-classes', '>= 1']),
+    'mean-count': (_args('data', '--mean', '0.5', '0.5'), ['--mean', '1 or 3 values']),
+    'eval-metric-unknown': (_args('data', '--eval-metric', 'accuracy'), ['--eval-metric', 'accuracy']),
+    'kd-temperature-zero': (_args('data', '--kd-temperature', '0'), ['--kd-temperature']),
+    'multiplier-zero': (_args('data', '--tfkd-mode', 'reg', '--tfkd-multiplier', '0'), ['--tfkd-multiplier']),
+    'sched-unknown': (_args('data', '--sched', 'sometimes'), ['--sched', 'sometimes']),
+    'device-missing': (_args('data', '--device', 'mps'), ["'mps'", 'not available']),
+    # Output locations that cannot be written.
+    'output-is-a-file': (lambda p, out: tiny_args(p.data, p.a_file, 'bad'), ['--output', 'a-file', 'not a folder']),
+    'output-under-a-file': (
+        lambda p, out: tiny_args(p.data, p.a_file / 'runs', 'bad'), ['--output', 'a-file', 'not a folder']),
+    'output-not-writable': (lambda p, out: tiny_args(p.data, '/sys/tfkd-runs', 'bad'), ['--output', 'cannot be written']),
+    'export-dir-not-empty': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--export-dir', p.not_an_export), ['--export-dir', 'not empty']),
+    'push-to-hub-without-id': (_args('data', '--push-to-hub'), ['--push-to-hub', '--hub-model-id']),
+    'hub-model-id-invalid': (_args('data', '--push-to-hub', '--hub-model-id', 'no-org'), ["'no-org'", 'org/name']),
+    # Data that does not fit.
+    'splits-with-other-classes': (_args('mismatched'), ['different classes', 'class_2', 'class_3']),
+    'empty-class-folder': (_args('empty_class'), ['different classes', 'class_1', 'empty class folder']),
+    'num-classes-not-the-data': (_args('data', num_classes=5), ['--num-classes 5', '3 classes']),
+    'fewer-images-than-a-batch': (_args('data', batch_size=16), ['9 images', 'fewer than one batch', '16']),
+    # Checkpoints and resumes that do not fit.
+    'resume-another-model': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--resume', p.trained / 'last.pth.tar', model='test_efficientnet'),
+        ['--resume checkpoint', "'test_efficientnet'", 'does not fit']),
+    'resume-other-class-count': (
+        lambda p, out: tiny_args(p.data5, out, 'bad', '--resume', p.trained / 'last.pth.tar', num_classes=5),
+        ['--resume checkpoint', 'has 3 classes', 'the model has 5']),
+    'resume-damaged-checkpoint': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--resume', p.damaged), ['damaged.pth.tar', 'damaged', 'checksum']),
+    'resume-auto-other-settings': (
+        lambda p, out: tiny_args(p.data, p.runs, 'trained', '--resume', 'auto', '--lr', '0.2'),
+        ['trained', 'other settings', '--lr 0.2 (was 0.05)']),
+    'resume-auto-no-experiment-other-settings': (
+        lambda p, out: _without_experiment(tiny_args(p.data, p.runs, 'x', '--resume', 'auto', '--seed', '7')),
+        ['--resume auto', 'test_resnet', '--seed 7 (was 42)']),
+    'kd-model-name-unreachable': (
+        _args('data', '--kd-model-name', 'resnet18'), ['--kd-model-name resnet18', 'not in the local Hub cache']),
 }
 
 # These go through a real process too: an argparse-level failure and one found after logging has started.
@@ -106,12 +223,53 @@ def _check_error(code: int, stderr: str, words, output: Path) -> None:
     assert not output.exists(), f'{output} was created'
 
 
+def _snapshot(folder: Path):
+    return {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+
+
+def test_the_table_covers_at_least_forty_inputs():
+    assert len(CASES) >= 40
+
+
 @pytest.mark.parametrize('case', list(CASES))
-def test_bad_input_in_process(case, paths, tmp_path, capsys):
+def test_bad_input_in_process(case, paths, tmp_path, capsys, monkeypatch):
+    use_offline_hub(monkeypatch, tmp_path / 'hf_home')  # no Hub weights can be had here
     build, words = CASES[case]
     output = tmp_path / 'out'
+    runs_before, trained_before = _snapshot(paths.runs), _snapshot(paths.trained)
     code = call_main(build(paths, output))
     _check_error(code, capsys.readouterr().err, words, output)
+    assert _snapshot(paths.runs) == runs_before and _snapshot(paths.trained) == trained_before
+
+
+EVALUATE_CASES = {
+    'batch-size-zero': (['-b', '0'], ['batch size', '>= 1']),
+    'workers-negative': (['-j', '-1'], ['workers']),
+    'device-missing': (['--device', 'cuda:1'], ["'cuda:1'", 'not available']),
+    'split-missing': (['--split', 'holdout'], ["'holdout'"]),
+    'checkpoint-missing': (['--checkpoint', 'checkpoint-9.pth.tar'], ['checkpoint-9.pth.tar', 'does not exist']),
+    'checkpoint-damaged': (['--checkpoint', '{damaged}'], ['damaged', 'checksum']),
+}
+
+
+@pytest.mark.parametrize('case', list(EVALUATE_CASES))
+def test_evaluate_bad_input(case, paths, capsys):
+    extra, words = EVALUATE_CASES[case]
+    extra = [word.format(damaged=paths.damaged) for word in extra]
+    assert cli_main(['evaluate', str(paths.trained), '--data-dir', str(paths.data), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('timm-tfkd: error: ') and 'Traceback' not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_tfkd_flags_the_mode_ignores_are_one_warning(paths, tmp_path, capsys):
+    run = train_in_process(tiny_args(paths.data, tmp_path / 'out', 'ignored', '--tfkd-alpha', '0.5',
+                                     '--tfkd-correct-prob', '0.9'))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ['WARNING: --tfkd-alpha, --tfkd-correct-prob are ignored by --tfkd-mode none, which does not read '
+                     'them']
+    assert run.is_dir()
 
 
 @pytest.mark.slow

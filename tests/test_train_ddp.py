@@ -14,8 +14,8 @@ from timm.data import create_dataset, create_transform
 from timm.models import create_model
 
 from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    TRAIN_SCRIPT, load_state_dict, one_torch_thread, read_run_info, read_summary, run_subprocess, tensorboard_scalars,
+from _train_helpers import (
+    TRAIN_SCRIPT, load_state_dict, read_run_info, read_summary, run_subprocess, tensorboard_scalars,
     tiny_args, train_in_process, use_offline_wandb, wandb_records,
 )
 
@@ -28,11 +28,6 @@ PER_CLASS = 16
 # 21 validation images: rank 0 gets 11, rank 1 gets 10 and one duplicate of image 0 as padding.
 UNEVEN_PER_CLASS = 7
 ECE_BINS = 15
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp('ddp')
 
 
 @pytest.fixture(scope='module')

@@ -8,10 +8,8 @@ import pytest
 import yaml
 
 from timm_tfkd.checkpoint_io import read_checkpoint
-from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    CONSOLE_SCRIPT, assert_run_files, assert_state_dicts_equal, load_state_dict, one_torch_thread,
-    read_run_info, read_summary, run_subprocess, script_command, summary_columns, tiny_args, train_in_process,
+from _train_helpers import (
+    CONSOLE_SCRIPT, assert_run_files, assert_state_dicts_equal, load_state_dict, read_run_info, read_summary, run_subprocess, script_command, summary_columns, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -21,16 +19,6 @@ EMA_COLUMNS = ('eval_ema_loss', 'eval_ema_top1', 'eval_ema_top5', 'eval_ema_nll'
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp('e2e')
-
-
-@pytest.fixture(scope='module')
-def data_dir(workdir) -> Path:
-    return write_image_folder(workdir / 'data')
 
 
 @pytest.fixture(scope='module')

@@ -18,8 +18,8 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 from timm_tfkd import hub
 from timm_tfkd.checkpoint_io import read_checkpoint
 from conftest import FakeHubApi, use_offline_hub, write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_state_dicts_equal, once_per_key, one_torch_thread, read_summary, tiny_args, train_in_process,
+from _train_helpers import (
+    assert_state_dicts_equal, once_per_key, read_summary, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -75,11 +75,6 @@ class Published:
     export_dir: Path
     data_dir: Path
     sources: List[str]
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp('export')
 
 
 @pytest.fixture(scope='module')

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from timm_tfkd.checkpoint_io import read_checkpoint
-from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
+from _train_helpers import (
     REPO_ROOT, assert_nested_equal, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict,
-    one_torch_thread, read_summary, script_command, subprocess_env, tiny_args, train_in_process,
+    read_summary, script_command, subprocess_env, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.slow
 # only matches an uninterrupted one if the checkpoint restores all of it.
 RESUME_FLAGS = ('--tfkd-mode', 'reg', '--seed', '5', '--reprob', '0.25', '--mixup', '0.2',
                 '--warmup-epochs', '1', '--warmup-lr', '0.001')
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp('faults')
-
-
-@pytest.fixture(scope='module')
-def data_dir(workdir) -> Path:
-    return write_image_folder(workdir / 'data')
 
 
 @pytest.fixture(scope='module')

@@ -24,7 +24,7 @@ from timm.utils import CheckpointSaver
 from timm_tfkd import TFKD_MODES
 
 from conftest import write_image_folder
-from _train_helpers import build_in_trainer, build_task, one_torch_thread  # noqa: F401  (autouse fixture)
+from _train_helpers import build_in_trainer, build_task  # noqa: F401  (autouse fixture)
 
 K = 5  # classes
 B = 6  # batch

@@ -20,8 +20,8 @@ import wandb
 import yaml
 
 from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    REPO_ROOT, call_main, one_torch_thread, read_summary, run_dir_of, script_command, subprocess_env,
+from _train_helpers import (
+    REPO_ROOT, call_main, read_summary, run_dir_of, script_command, subprocess_env,
     tensorboard_scalars, tiny_args, train_in_process, use_offline_wandb, wandb_records,
 )
 from timm_tfkd.train.flags import create_parser

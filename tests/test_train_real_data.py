@@ -6,8 +6,8 @@ import os
 import pytest
 
 from timm_tfkd.datasets import fashion_mnist
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    assert_run_files, one_torch_thread, read_run_info, read_summary, train_in_process,
+from _train_helpers import (
+    assert_run_files, read_run_info, read_summary, train_in_process,
 )
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,8 @@ import pytest
 import timm
 
 from timm_tfkd.checkpoint_io import CheckpointError, read_checkpoint
-from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    REPO_ROOT, TRAIN_SCRIPT, assert_nested_equal, assert_run_files, once_per_key, one_torch_thread,
-    read_summary, run_dir_of, subprocess_env, tiny_args, train_in_process,
+from _train_helpers import (
+    REPO_ROOT, TRAIN_SCRIPT, assert_nested_equal, assert_run_files, once_per_key, read_summary, run_dir_of, subprocess_env, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -56,16 +54,6 @@ def save_half_then_die(obj, f, *args, **kwargs):
 torch.save = save_half_then_die
 runpy.run_path({TRAIN_SCRIPT!r}, run_name='__main__')
 '''
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp('resume')
-
-
-@pytest.fixture(scope='module')
-def data_dir(workdir) -> Path:
-    return write_image_folder(workdir / 'data')
 
 
 @pytest.fixture(scope='module')

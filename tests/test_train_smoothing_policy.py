@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from conftest import write_image_folder
-from _train_helpers import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    build_in_trainer, call_main, one_torch_thread, read_summary, tiny_args, train_in_process,
+from _train_helpers import (
+    build_in_trainer, call_main, read_summary, tiny_args, train_in_process,
 )
 
 K = 5

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +35,7 @@ RECOVERY_PREFIX = 'recovery'
 # Held (flock) by the process training in the folder, for the whole run; the kernel releases it when that process
 # ends in any way, so a lock left by a killed run is never in the way.
 LOCK_FILE = '.lock'
+LOCK_PATIENCE_S = 1.0
 # One line per later invocation of the run (a resume), so args.yaml keeps recording how the run began.
 INVOCATIONS_FILE = 'invocations.jsonl'
 # The validation metrics every run reports (summary.csv has them as eval_<name>, and eval_ema_<name> with an EMA).
@@ -217,6 +219,7 @@ class RunFolder:
         """
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.file(LOCK_FILE)
+        deadline = time.monotonic() + LOCK_PATIENCE_S
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -224,6 +227,9 @@ class RunFolder:
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
                 os.close(fd)
+                if time.monotonic() < deadline:  # a reader's brief look (holder()) is not a run
+                    time.sleep(0.05)
+                    continue
                 raise RunFolderError(f"run folder '{self.path}' is in use by {holder}; wait for that run to end or "
                                      f"choose another --experiment") from None
             # The holder before us removes the file on release: lock the file that is there now, not an old one.

@@ -23,7 +23,7 @@ from ..run_folder import METRIC_NAMES, RunFolder, RunRecord
 from ..version import __version__
 from .card import model_card, plot_curves
 from .files import (
-    CARD_FILE, CONFIG_FILE, CURVES_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE,
+    CARD_FILE, CURVES_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE,
     is_export,
 )
 

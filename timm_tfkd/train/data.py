@@ -293,22 +293,28 @@ class TrainSampler(Sampler[int]):
       without reading them (reading would draw augmentations from the random state the checkpoint restored).
     - It records the indices it draws, so each batch's dataset indices can be taken back (:meth:`take`): the loader
       delivers batches in the order their indices were drawn.
+    - The loader's own draw at the start of an epoch (the base seed of its workers) comes from :attr:`generator`,
+      seeded by seed, rank and epoch, instead of the global random state a resumed run has just restored.
 
     Args:
         sampler: The sampler the loader was built with (a distributed or repeated-augmentation sampler is kept).
         dataset: The training dataset.
-        seed: Seed of the order on one process.
+        seed: Seed of the order on one process and of the loader's draws.
+        rank: This process's rank (each rank's workers draw their own augmentations).
     """
 
-    def __init__(self, sampler: Sampler, dataset: Any, seed: int):
+    def __init__(self, sampler: Sampler, dataset: Any, seed: int, rank: int = 0):
         if not hasattr(sampler, 'set_epoch'):  # the one-process random sampler draws from the global random state
             sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
         self._sampler = sampler
+        self._seed, self._rank = seed, rank
         self._skip = 0
         self._drawn: deque = deque()
+        self.generator = torch.Generator()
 
     def set_epoch(self, epoch: int) -> None:
         self._sampler.set_epoch(epoch)
+        self.generator.manual_seed((self._seed * 1_000_003 + self._rank) * 10_007 + epoch)
 
     def skip_next(self, count: int) -> None:
         """Leave out the first ``count`` samples of the next pass."""
@@ -332,7 +338,7 @@ class TrainSampler(Sampler[int]):
         return torch.tensor([self._drawn.popleft() for _ in range(count)], dtype=torch.int64)
 
 
-def install_train_sampler(loader: Any, seed: int) -> Optional[TrainSampler]:
+def install_train_sampler(loader: Any, seed: int, rank: int = 0) -> Optional[TrainSampler]:
     """Put a :class:`TrainSampler` inside a training loader from timm's ``create_loader``.
 
     Returns:
@@ -343,6 +349,7 @@ def install_train_sampler(loader: Any, seed: int) -> Optional[TrainSampler]:
     batch_sampler = getattr(data_loader, 'batch_sampler', None)
     if isinstance(data_loader.dataset, IterableDataset) or not isinstance(batch_sampler, BatchSampler):
         return None
-    sampler = TrainSampler(batch_sampler.sampler, data_loader.dataset, seed)
+    sampler = TrainSampler(batch_sampler.sampler, data_loader.dataset, seed, rank)
     batch_sampler.sampler = sampler
+    data_loader.generator = sampler.generator
     return sampler

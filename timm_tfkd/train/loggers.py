@@ -8,7 +8,6 @@ run folder exists (rank 0 only, as timm).
 """
 import argparse
 import logging
-import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Protocol, Sequence
 

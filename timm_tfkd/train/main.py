@@ -149,7 +149,7 @@ def _prepare(command_line: CommandLine) -> Run:
     model = place_model(args, model, device, precision.model_dtype)
     data = create_train_data(args, datasets, data_config, mixup_smoothing(args, smoothing), device,
                              precision.model_dtype)
-    train_sampler = install_train_sampler(data.loader_train, args.seed)
+    train_sampler = install_train_sampler(data.loader_train, args.seed, args.rank)
     task = create_task(args, model, smoothing, mixup_active, data_config, data.num_train_samples, device,
                        precision.model_dtype, primary)
     if isinstance(task, SampleIndexed) and train_sampler is None:

@@ -3,6 +3,7 @@ policy of each method."""
 import argparse
 import math
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import UsageError
@@ -227,8 +228,8 @@ def ignored_tfkd_flags(args: argparse.Namespace, explicit: Set[str]) -> List[str
 
 
 def check_writable_folder(path: str, option: str) -> None:
-    """Refuse a folder the run could not create or write: a file in its place, or no write permission where it
-    would be created.
+    """Refuse a folder the run could not create or write: a file in its place, or a place where nothing can be
+    created (no permission, a read-only or pseudo file system).
 
     Raises:
         UsageError: One line naming the option.
@@ -242,8 +243,10 @@ def check_writable_folder(path: str, option: str) -> None:
     if not os.path.isdir(existing):
         where = '' if existing == target else f" ('{existing}' is a file in its way)"
         raise UsageError(f"{option} '{path}' is not a folder{where}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} '{path}' cannot be written: no write permission in '{existing}'")
+    try:  # permissions alone do not tell (root, read-only mounts, pseudo file systems): make and remove a folder
+        os.rmdir(tempfile.mkdtemp(prefix='.tfkd-write-check-', dir=existing))
+    except OSError as e:
+        raise UsageError(f"{option} '{path}' cannot be written: {e.strerror} in '{existing}'") from None
 
 
 def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
