@@ -74,7 +74,7 @@ def paths(tmp_path_factory) -> SimpleNamespace:
     corrupt = root / 'corrupt.pth.tar'
     corrupt.write_bytes(os.urandom(4096))
     bad_yaml = root / 'bad.yaml'
-    bad_yaml.write_text('batch_size: 8\nno_such_option: 1\n')
+    bad_yaml.write_text('batch_size: eight\n')
     teachers = root / 'teachers'
     teachers.mkdir()
     data = write_image_folder(root / 'data', per_class=3)  # 9 images: one batch of 8
@@ -143,8 +143,8 @@ CASES = {
     'resume-missing-file': (
         lambda p, out: tiny_args(p.data, out, 'bad', '--resume', p.missing / 'last.pth.tar'),
         ['--resume', 'does not exist']),
-    'config-unknown-key': (
-        lambda p, out: ['-c', p.bad_yaml, *tiny_args(p.data, out, 'bad')], ["'no_such_option'", 'unknown key']),
+    'config-wrong-type': (
+        lambda p, out: ['-c', p.bad_yaml, *tiny_args(p.data, out, 'bad')], ["'batch_size'", 'an integer', 'eight']),
     # Numbers that timm or torch would take unchecked.
     'epochs-zero': (_args('data', epochs=0), ['--epochs', '>= 1', 'got 0']),
     'batch-size-zero': (_args('data', batch_size=0), ['--batch-size', '>= 1']),
@@ -209,7 +209,7 @@ CASES = {
 }
 
 # These go through a real process too: an argparse-level failure and one found after logging has started.
-SUBPROCESS_CASES = ('config-unknown-key', 'teacher-corrupt')
+SUBPROCESS_CASES = ('config-wrong-type', 'teacher-corrupt')
 
 
 def _check_error(code: int, stderr: str, words, output: Path) -> None:
@@ -266,9 +266,9 @@ def test_evaluate_bad_input(case, paths, capsys):
 def test_tfkd_flags_the_mode_ignores_are_one_warning(paths, tmp_path, capsys):
     run = train_in_process(tiny_args(paths.data, tmp_path / 'out', 'ignored', '--tfkd-alpha', '0.5',
                                      '--tfkd-correct-prob', '0.9'))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ['WARNING: --tfkd-alpha, --tfkd-correct-prob are ignored by --tfkd-mode none, which does not read '
-                     'them']
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('WARNING')]
+    assert warnings == ['WARNING: --tfkd-alpha, --tfkd-correct-prob are ignored by --tfkd-mode none, which does not '
+                        'read them']
     assert run.is_dir()
 
 
@@ -279,3 +279,12 @@ def test_bad_input_subprocess(case, paths, tmp_path):
     output = tmp_path / 'out'
     result = run_subprocess(script_command(build(paths, output)), timeout=120)
     _check_error(result.returncode, result.stderr, words, output)
+
+
+def test_config_keys_of_a_newer_timm_are_one_warning(paths, tmp_path, capsys):
+    config = tmp_path / 'newer.yaml'
+    config.write_text('flag_of_a_newer_timm: 3\nbatch_size: 8\n')
+    run = train_in_process(['-c', config, *tiny_args(paths.data, tmp_path / 'out', 'newer')])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('WARNING')]
+    assert len(warnings) == 1 and "'flag_of_a_newer_timm' is not a flag of this timm version, ignored" in warnings[0]
+    assert 'flag_of_a_newer_timm' not in (run / 'args.yaml').read_text()

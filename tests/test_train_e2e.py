@@ -14,7 +14,8 @@ from _train_helpers import (
 
 pytestmark = pytest.mark.slow
 
-EMA_COLUMNS = ('eval_ema_loss', 'eval_ema_top1', 'eval_ema_top5', 'eval_ema_nll', 'eval_ema_ece')
+# With an EMA, summary.csv's eval_* hold the EMA's metrics (as timm) and these the model's.
+MODEL_COLUMNS = ('eval_model_loss', 'eval_model_top1', 'eval_model_top5', 'eval_model_nll', 'eval_model_ece')
 
 
 def _sha256(path: Path) -> str:
@@ -66,9 +67,11 @@ def test_mode_none_with_model_ema(teacher_run):
     info = _check_common(teacher_run, 'none')
     assert info['tfkd']['teacher'] is None
     assert info['tfkd']['smoothing'] == pytest.approx(0.1)  # timm's default, untouched with Tf-KD off
-    assert set(EMA_COLUMNS) <= set(summary_columns(teacher_run))
+    assert set(MODEL_COLUMNS) <= set(summary_columns(teacher_run))
     assert info['final_ema_metrics'] is not None
     row = read_summary(teacher_run)[-1]
+    assert row['eval_top1'] == info['final_ema_metrics']['top1']
+    assert row['eval_model_top1'] == info['final_metrics']['top1']
     assert row['train_kd_loss'] == 0.0
     assert row['train_task_loss'] == pytest.approx(row['train_loss'])
     assert 'state_dict_ema' in read_checkpoint(str(teacher_run / 'last.pth.tar'))
@@ -79,7 +82,7 @@ def test_mode_lsr(kd_teacher_run):
     assert info['model'] == 'test_efficientnet'
     assert info['tfkd']['smoothing'] == pytest.approx(0.2)
     assert info['tfkd']['teacher'] is None
-    assert not any(c.startswith('eval_ema_') for c in summary_columns(kd_teacher_run))
+    assert not any(c.startswith('eval_model_') for c in summary_columns(kd_teacher_run))
     assert read_summary(kd_teacher_run)[-1]['train_kd_loss'] == 0.0
 
 

@@ -78,7 +78,7 @@ def test_wandb_logs_config_tags_and_summary_rows(run, data, tmp_path, wandb_dir)
     if run == 'reg':
         assert all(row['train_kd_loss'] > 0 for row in summary)
     else:
-        assert {'eval_ema_top1', 'eval_ema_nll', 'eval_ema_ece'} <= columns
+        assert {'eval_model_top1', 'eval_model_nll', 'eval_model_ece'} <= columns
     (exit_record,) = [r['exit'] for r in records if r['type'] == 'exit']
     assert exit_record.get('exit_code', 0) == 0
 
@@ -112,7 +112,7 @@ def test_tensorboard_scalars_equal_summary_rows(run, data, tmp_path):
         assert by_step == {row['epoch']: float(np.float32(row[tag])) for row in summary}, tag
     assert {'train_kd_loss', 'eval_nll', 'eval_ece'} <= set(scalars)
     if run == 'ema':
-        assert {'eval_ema_top1', 'eval_ema_nll', 'eval_ema_ece'} <= set(scalars)
+        assert {'eval_model_top1', 'eval_model_nll', 'eval_model_ece'} <= set(scalars)
 
 
 def test_failed_run_closes_its_loggers(data, tmp_path, wandb_dir):

@@ -227,7 +227,7 @@ def test_class_count_comes_from_the_data(workdir, data_dir, capsys):
     del argv[index:index + 2]
     run = train_in_process(argv)
     assert read_run_info(run)['num_classes'] == 3
-    assert "3 classes in the 'train' split (class_0, class_1, class_2): --num-classes 3" in capsys.readouterr().out
+    assert "3 classes in the 'train' split (class_0, class_1, class_2): --num-classes 3" in capsys.readouterr().err
     assert load_state_dict(run / 'last.pth.tar')['fc.weight'].shape[0] == 3
 
 

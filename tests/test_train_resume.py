@@ -93,7 +93,7 @@ def test_resume_at_epoch_boundary_matches_uninterrupted_run(workdir, data_dir, t
     train_in_process([*argv, '--resume', 'auto'])
     assert_same_training(run, uninterrupted(name))
     if name == 'ema':
-        assert 'eval_ema_top1' in read_summary(run)[0] and 'state_dict_ema' in read_checkpoint(str(run / 'last.pth.tar'))
+        assert 'eval_model_top1' in read_summary(run)[0] and 'state_dict_ema' in read_checkpoint(str(run / 'last.pth.tar'))
 
 
 def loads_into_model(path: Path) -> int:

@@ -5,11 +5,11 @@ subcommand adds its function to :data:`SUBCOMMANDS`.
 """
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from .console import console_logging, held_logs
 from .datasets.fashion_mnist import DEFAULT_SOURCE, prepare_folder
 from .errors import ExportError, HubUploadError, TfKDError, UsageError
 from .evaluate import evaluate_run
@@ -164,7 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         0 on success, 1 when an upload failed (the retry command is printed), 2 on bad input.
     """
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    with console_logging(), held_logs() as release:
+        code = _run(argv)
+        if code == 0:
+            release()
+        return code
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help and --version

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
@@ -38,8 +38,23 @@ LOCK_FILE = '.lock'
 LOCK_PATIENCE_S = 1.0
 # One line per later invocation of the run (a resume), so args.yaml keeps recording how the run began.
 INVOCATIONS_FILE = 'invocations.jsonl'
-# The validation metrics every run reports (summary.csv has them as eval_<name>, and eval_ema_<name> with an EMA).
+# The validation metrics every run reports (summary.csv's eval_<name>; see row_metrics for a run with an EMA).
 METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
+
+
+def row_metrics(row: Mapping[str, Optional[float]]) -> Tuple[Optional[Dict[str, float]], Optional[Dict[str, float]]]:
+    """The validation metrics of the model and of its EMA in a ``summary.csv`` row.
+
+    As in timm, a run that validates an EMA writes the EMA's metrics as ``eval_*`` and, here, the model's as
+    ``eval_model_*``; runs of timm-tfkd 0.1 wrote the model's as ``eval_*`` and the EMA's as ``eval_ema_*``.
+    """
+    def metrics(prefix: str) -> Optional[Dict[str, float]]:
+        found = {name: row.get(prefix + name) for name in METRIC_NAMES}
+        return {k: v for k, v in found.items() if v is not None} or None
+
+    if metrics('eval_model_'):
+        return metrics('eval_model_'), metrics('eval_')
+    return metrics('eval_'), metrics('eval_ema_')
 
 
 def milestone_checkpoint(epochs_done: int) -> str:

@@ -45,8 +45,10 @@ def plot_curves(summary: List[Dict[str, Optional[float]]], path: Path) -> None:
     FigureCanvasAgg(fig)
     loss_ax, top1_ax = fig.subplots(1, 2)
     panels = (
-        (loss_ax, 'Loss', ('train_loss', 'train_task_loss', 'train_kd_loss', 'eval_loss', 'eval_ema_loss')),
-        (top1_ax, 'Top-1 accuracy (%)', ('eval_top1', 'eval_ema_top1')),
+        # With an EMA, eval_* are its metrics and eval_model_* the model's (eval_ema_*: runs of timm-tfkd 0.1).
+        (loss_ax, 'Loss', ('train_loss', 'train_task_loss', 'train_kd_loss', 'eval_loss', 'eval_model_loss',
+                           'eval_ema_loss')),
+        (top1_ax, 'Top-1 accuracy (%)', ('eval_top1', 'eval_model_top1', 'eval_ema_top1')),
     )
     for ax, title, columns in panels:
         for column in columns:

@@ -19,7 +19,7 @@ from torch import nn
 from ..checkpoint_io import EMA_STATE_DICT_KEYS, extract_state_dict, read_checkpoint, sha256_file
 from ..errors import ExportError
 from ..methods import registered_flags
-from ..run_folder import METRIC_NAMES, RunFolder, RunRecord
+from ..run_folder import RunFolder, RunRecord, row_metrics
 from ..version import __version__
 from .card import model_card, plot_curves
 from .files import (
@@ -67,18 +67,11 @@ def _read_run(run_dir: Path) -> _Run:
     return _Run(folder, record, folder.read_args(), summary)
 
 
-def _row_metrics(row: Optional[Mapping[str, Any]], ema: bool) -> Optional[Dict[str, float]]:
-    if row is None:
-        return None
-    prefix = 'eval_ema_' if ema else 'eval_'
-    metrics = {name: row.get(prefix + name) for name in METRIC_NAMES}
-    return {k: v for k, v in metrics.items() if v is not None} or None
-
-
 def _ema_was_better(row: Optional[Mapping[str, Any]]) -> bool:
-    if row is None or row.get('eval_ema_top1') is None or row.get('eval_top1') is None:
+    model, ema = row_metrics(row) if row is not None else (None, None)
+    if not model or not ema or 'top1' not in model or 'top1' not in ema:
         return False
-    return row['eval_ema_top1'] > row['eval_top1']
+    return ema['top1'] > model['top1']
 
 
 def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) -> _Selection:
@@ -103,7 +96,7 @@ def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) ->
         checkpoint_name=path.name,
         epoch=epoch,
         ema=use_ema,
-        metrics=_row_metrics(row, use_ema),
+        metrics=row_metrics(row)[1 if use_ema else 0] if row is not None else None,
     )
 
 

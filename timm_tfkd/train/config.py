@@ -6,7 +6,7 @@ value other than the default), which is what the smoothing policy and the ignore
 import argparse
 import difflib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
@@ -21,10 +21,12 @@ class CommandLine:
         args: Every option destination (nothing else), with YAML and command-line values applied.
         explicit: Destinations the user chose, as opposed to those left at timm's defaults.
         yaml: ``args`` as YAML, the ``args.yaml`` of a run, readable back with ``-c``.
+        warnings: One line each for the log, e.g. config keys this version does not know.
     """
     args: argparse.Namespace
     explicit: Set[str]
     yaml: str
+    warnings: Tuple[str, ...] = ()
 
 
 def _create_config_parser() -> argparse.ArgumentParser:
@@ -101,15 +103,16 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
     return _config_scalar(action, value)
 
 
-def _load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """Read a YAML config and check it against the parser; any problem exits through ``parser.error``.
+def _load_config(parser: argparse.ArgumentParser, path: str) -> Tuple[Dict[str, Any], List[str]]:
+    """Read a YAML config and check it against the parser; a value of the wrong type or choice exits through
+    ``parser.error``, a key this version does not know is left out with a warning (a newer timm's file still runs).
 
     Args:
         parser: The trainer's parser, which provides the valid keys, types and choices.
         path: The file given with ``-c/--config``.
 
     Returns:
-        Destination to value, in the form the command line would have produced.
+        Destination to value, in the form the command line would have produced, and the warnings.
     """
     try:
         with open(path) as f:
@@ -122,17 +125,18 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
         found = 'an empty file' if config is None else type(config).__name__
         parser.error(f'config file {path} must be a YAML mapping of option names to values, got {found}')
     actions = _actions_by_dest(parser)
-    values = {}
+    values, warnings = {}, []
     for key, value in config.items():
         if key not in actions:
             close = difflib.get_close_matches(str(key).replace('-', '_'), actions, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ''
-            parser.error(f'config file {path}: unknown key {key!r} (keys are option destinations){hint}')
+            warnings.append(f'config file {path}: key {key!r} is not a flag of this timm version, ignored{hint}')
+            continue
         try:
             values[key] = _config_value(actions[key], value)
         except ValueError as exc:
             parser.error(f'config file {path}: key {key!r} expects {exc}, got {value!r}')
-    return values
+    return values, warnings
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:
@@ -160,7 +164,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CommandLine:
     config_args, remaining = _create_config_parser().parse_known_args(argv)
     parser = create_parser()
     defaults = {dest: action.default for dest, action in _actions_by_dest(parser).items()}
-    config = _load_config(parser, config_args.config) if config_args.config else {}
+    config, warnings = _load_config(parser, config_args.config) if config_args.config else ({}, [])
     parser.set_defaults(**dict.fromkeys(defaults, _UNSET))
     args = parser.parse_args(remaining)
     explicit = {dest for dest, value in vars(args).items() if value is not _UNSET}
@@ -168,4 +172,4 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CommandLine:
     for dest, value in vars(args).items():
         if value is _UNSET:
             setattr(args, dest, config[dest] if dest in config else defaults[dest])
-    return CommandLine(args, explicit, args_to_yaml(args))
+    return CommandLine(args, explicit, args_to_yaml(args), tuple(warnings))

@@ -2,7 +2,6 @@
 import argparse
 import logging
 import math
-import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -49,24 +48,37 @@ class LoopContext:
     train_sampler: Optional[TrainSampler] = None
 
 
-class Progress:
-    """A live one-line progress display on an interactive terminal, timm-style log lines otherwise."""
+class _Average:
+    """The latest value and the mean so far of a timed quantity (timm's AverageMeter, for the log lines)."""
 
-    def __init__(self, enabled: bool, interval: int, live_only: bool = False):
-        self.live = enabled and sys.stderr.isatty()
-        self.enabled = self.live if live_only else enabled
-        self.interval = max(1, interval)
+    def __init__(self):
+        self.value, self.sum, self.count = 0.0, 0.0, 0
 
-    def update(self, prefix: str, index: int, total: int, text: str, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.live:
-            sys.stderr.write(f'\r{prefix} [{index + 1:>4d}/{total}] {text}\033[K')
-            if index + 1 == total:
-                sys.stderr.write('\n')
-            sys.stderr.flush()
-        elif force or index % self.interval == 0 or index + 1 == total:
-            _logger.info(f'{prefix} [{index:>4d}/{total - 1} ({100.0 * (index + 1) / total:>3.0f}%)]  {text}')
+    def update(self, value: float) -> None:
+        self.value, self.sum, self.count = value, self.sum + value, self.count + 1
+
+    @property
+    def mean(self) -> float:
+        return self.sum / max(self.count, 1)
+
+
+def _log_update(ctx: LoopContext, epoch: int, update_idx: int, updates_per_epoch: int, loss_now: float,
+                loss_mean: float, update_time: _Average, samples: int, data_time: _Average) -> None:
+    """timm's training log line; under DDP the losses are averaged over the ranks first (every rank calls this at
+    the same updates)."""
+    if ctx.args.distributed:
+        loss_now, loss_mean = _reduce_mean(torch.tensor([loss_now, loss_mean], dtype=torch.float64,
+                                                        device=ctx.device), ctx.args.world_size).tolist()
+    if not ctx.is_primary:
+        return
+    lrs = [group['lr'] for group in ctx.optimizer.param_groups]
+    rate = samples * ctx.args.world_size
+    _logger.info(
+        f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} ({100.0 * (update_idx + 1) / updates_per_epoch:>3.0f}%)]'
+        f'  Loss: {loss_now:#.3g} ({loss_mean:#.3g})  '
+        f'Time: {update_time.value:.3f}s, {rate / max(update_time.value, 1e-9):>7.2f}/s  '
+        f'({update_time.mean:.3f}s, {rate / max(update_time.mean, 1e-9):>7.2f}/s)  '
+        f'LR: {sum(lrs) / len(lrs):.3e}  Data: {data_time.value:.3f} ({data_time.mean:.3f})')
 
 
 def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -137,15 +149,17 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
     last_accum_start = num_batches - num_batches % accum_steps
     has_no_sync = args.distributed and hasattr(task.get_trainable_module(), 'no_sync')
     indexed = isinstance(task, SampleIndexed)
-    progress = Progress(ctx.is_primary, args.log_interval)
+    update_time, data_time = _Average(), _Average()
 
     # The loss is read every step (as timm does) to stop on NaN; its parts are summed on the device, unsynced.
     loss_sum, samples = resumed.loss_sum, resumed.samples
     part_sums = torch.tensor(resumed.part_sums, dtype=torch.float64, device=ctx.device)
     no_part = torch.zeros((), device=ctx.device)
     ctx.optimizer.zero_grad()
-    start, samples_now = time.perf_counter(), 0
+    update_start = data_start = time.perf_counter()
+    update_samples = 0
     for batch_idx, (input, target) in enumerate(loader, start=resumed.batches):
+        data_time.update(time.perf_counter() - data_start)
         steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
         need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
         if indexed:
@@ -162,7 +176,7 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
                                      f'the last saved checkpoint is unchanged')
         batch_size = input.shape[0]
         samples += batch_size
-        samples_now += batch_size
+        update_samples += batch_size
         loss_sum += loss_value * batch_size
         part_sums += torch.stack([result.get('task_loss', loss).detach(), result.get('kd_loss', no_part).detach()
                                   ]).double() * batch_size
@@ -178,12 +192,15 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
                     batch_idx + 1, loss_sum, tuple(part_sums.tolist()), samples))
             if ctx.lr_scheduler is not None:
                 ctx.lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / samples)
-        if ctx.is_primary and (progress.live or batch_idx % progress.interval == 0 or batch_idx + 1 == num_batches):
-            elapsed = time.perf_counter() - start
-            lr = ctx.optimizer.param_groups[0]['lr']
-            progress.update(f'Train: {epoch}', batch_idx, num_batches,
-                            f'Loss: {loss_value:#.3g} ({loss_sum / samples:#.3g})  '
-                            f'{samples_now * args.world_size / elapsed:>7.1f} img/s  LR: {lr:.3e}')
+            now = time.perf_counter()
+            update_time.update(now - update_start)
+            update_start = now
+            last = batch_idx + 1 == num_batches
+            if update_idx % args.log_interval == 0 or last:
+                _log_update(ctx, epoch, update_idx, updates_per_epoch, loss_value, loss_sum / samples, update_time,
+                            update_samples, data_time)
+            update_samples = 0
+        data_start = time.perf_counter()
     if hasattr(ctx.optimizer, 'sync_lookahead'):
         ctx.optimizer.sync_lookahead()
     if isinstance(task, EpochHooks):
@@ -202,12 +219,15 @@ def measure(
         channels_last: bool,
         amp_autocast: Callable[[], AbstractContextManager],
         model_dtype: Optional[torch.dtype] = None,
-        progress: Optional[Callable[[int, int], None]] = None,
+        after_batch: Optional[Callable[[int, int, ClassificationMetrics], None]] = None,
 ) -> ClassificationMetrics:
     """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums.
 
     The duplicates a distributed sampler pads the ranks with still run through the model (collectives stay
     balanced) but are not counted, so the reduced metrics are those of the dataset itself.
+
+    Args:
+        after_batch: Called with (batch index, number of batches, the sums so far) after each batch.
     """
     model.eval()
     metrics = ClassificationMetrics(device, max_samples=evaluation_sample_limit(loader))
@@ -223,8 +243,8 @@ def measure(
             if isinstance(output, (tuple, list)):
                 output = output[0]
             metrics.update(output.float(), target)
-            if progress is not None:
-                progress(batch_idx, num_batches)
+            if after_batch is not None:
+                after_batch(batch_idx, num_batches, metrics)
     return metrics
 
 
@@ -235,9 +255,23 @@ def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Tes
         NonFiniteLossError: The model's outputs are not finite (on every rank alike: the sums are reduced first).
     """
     args = ctx.args
-    progress = Progress(ctx.is_primary, args.log_interval, live_only=True)
+    batch_time, end = _Average(), [time.perf_counter()]
+
+    def log_batch(batch_idx: int, num_batches: int, metrics: ClassificationMetrics) -> None:
+        """timm's per-batch validation line, with the running metrics of all ranks (every rank calls it)."""
+        now = time.perf_counter()
+        batch_time.update(now - end[0])
+        end[0] = now
+        if batch_idx % args.log_interval and batch_idx + 1 != num_batches:
+            return
+        running = metrics.running(reduce=args.distributed)
+        if ctx.is_primary:
+            _logger.info(f"{label}: [{batch_idx:>4d}/{num_batches - 1}]  "
+                         f"Time: {batch_time.value:.3f} ({batch_time.mean:.3f})  Loss: {running['loss']:>6.3f}  "
+                         f"Acc@1: {running['top1']:>7.3f}  Acc@5: {running['top5']:>7.3f}")
+
     metrics = measure(model, loader, ctx.device, args.prefetcher, args.channels_last, ctx.amp_autocast,
-                      ctx.model_dtype, progress=lambda index, total: progress.update(label, index, total, ''))
+                      ctx.model_dtype, after_batch=log_batch)
     metrics.reduce()
     result = metrics.compute()
     if not math.isfinite(result['nll']):

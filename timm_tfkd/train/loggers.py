@@ -1,7 +1,7 @@
 """Per-epoch metric loggers of the trainer: Weights & Biases (timm's ``--log-wandb``) and TensorBoard
 (``--log-tensorboard DIR``).
 
-Each logger receives the row ``summary.csv`` gets for an epoch (``epoch``, ``train_*``, ``eval_*``, ``eval_ema_*``,
+Each logger receives the row ``summary.csv`` gets for an epoch (``epoch``, ``train_*``, ``eval_*``, ``eval_model_*``,
 ``lr``). :func:`check_logging_args` runs before anything is written, so a user who asked for logging never loses it
 to a missing package or a bad folder after hours of training; :func:`create_epoch_loggers` starts the loggers once the
 run folder exists (rank 0 only, as timm).

@@ -7,10 +7,12 @@ the run folder through :mod:`timm_tfkd.run_folder` and each epoch's row to the l
 touched.
 """
 import argparse
+import dataclasses
 import datetime
 import errno
 import glob
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -26,8 +28,8 @@ from timm import __version__ as timm_version
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import TrainingTask
 from timm.utils import distribute_bn, init_distributed_device, is_primary, random_seed, update_summary
-from timm.utils.log import FormatterNoInfo
 
+from ..console import console_logging, held_logs
 from ..data_config import resolve_student_data_config
 from ..errors import HubUploadError, NonFiniteLossError, RunStopped, TfKDError, UsageError
 from ..methods import get_method
@@ -100,14 +102,16 @@ def _set_up(command_line: CommandLine) -> Tuple[argparse.Namespace, List[str]]:
         The arguments and the warnings to log once every check has passed (a refused run prints one line only).
     """
     args, explicit = command_line.args, command_line.explicit
-    warnings = check_config(args, explicit)
+    warnings = [*command_line.warnings, *check_config(args, explicit)]
     for module in args.device_modules or ():
         importlib.import_module(module)
     _select_device(args, explicit)
     args.prefetcher = not args.no_prefetcher
     init_distributed_device(args)
-    if args.distributed:
-        _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
+    if not is_primary(args):
+        logging.getLogger().setLevel(logging.WARNING)  # as timm's train.py, only rank 0 logs the run
+    elif args.distributed:
+        _logger.info(f'Distributed training: {args.world_size} processes, one device each ({args.device} here).')
     random_seed(args.seed, args.rank)
     return args, warnings
 
@@ -302,13 +306,31 @@ def _start_record(run: Run, folder: RunFolder) -> None:
         folder.write_args(run.command_line.yaml)
 
 
-def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[str, float]], Optional[Dict]]:
-    """The epoch loop; rank 0 writes ``folder`` and the epoch loggers. Returns the last validation metrics of the
-    model and its EMA."""
+@dataclass
+class Results:
+    """What the loop reports at the end: the last validation metrics of the model and its EMA, the best ranked
+    checkpoint, and every epoch's metrics (timm's ``--result``)."""
+    final: Optional[Dict[str, float]] = None
+    final_ema: Optional[Dict[str, float]] = None
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+    epochs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _summary_metrics(final: Dict[str, float], final_ema: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The ``eval_*`` of summary.csv: as in timm, the EMA's when it is validated (the metric checkpoints are ranked
+    by), with the model's then kept as ``eval_model_*``."""
+    if final_ema is None:
+        return dict(final)
+    return {**final_ema, **{f'model_{name}': value for name, value in final.items()}}
+
+
+def _train_epochs(run: Run, folder: Optional[RunFolder], loggers: EpochLoggers) -> Results:
+    """The epoch loop; rank 0 writes ``folder`` and the epoch loggers."""
     args, task, optimizer, point = run.args, run.task, run.optimizer, run.plan.resume
     eval_metric = args.eval_metric if run.data.loader_eval is not None else 'loss'
     start_epoch, end_epoch = run.start_epoch, run.end_epoch
-    saver, loggers = None, EpochLoggers()
+    saver = None
     if folder is not None:
         saver = create_saver(task, optimizer, args, str(folder.path), run.precision.loss_scaler,
                              eval_metric in DECREASING_METRICS)
@@ -320,7 +342,6 @@ def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[
             _logger.info(f'{SUMMARY_FILE}: dropped {dropped} row(s) of epochs trained again from epoch {start_epoch}')
         _start_record(run, folder)
         _logger.info(f'Output folder: {folder.path}. Epochs {start_epoch} to {end_epoch - 1} of {run.num_epochs}.')
-        loggers = create_epoch_loggers(args, folder.path.name)
     if point is not None and point.rng_state is not None and args.world_size == 1:
         restore_rng_state(point.rng_state)
     resumed = point.progress if point is not None and point.epoch == start_epoch else None
@@ -334,7 +355,8 @@ def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[
         save_recovery=_recovery_saver(saver, folder) if saver is not None else None, num_epochs=run.num_epochs,
         train_sampler=run.train_sampler,
     )
-    final, final_ema, best_epoch = None, None, None
+    results = Results()
+    final, final_ema = None, None
     with loggers:  # closed also when the run fails
         for epoch in range(start_epoch, end_epoch):
             sampler = run.train_sampler or getattr(run.data.loader_train, 'sampler', None)
@@ -355,23 +377,25 @@ def _train_epochs(run: Run, folder: Optional[RunFolder]) -> Tuple[Optional[Dict[
             latest = train_metrics['loss']
             if run.data.loader_eval is not None:
                 final, final_ema, latest = _validate(run, ctx, eval_metric)
-                eval_metrics.update(final)
-                eval_metrics.update({f'ema_{k}': v for k, v in (final_ema or {}).items()})
+                eval_metrics = _summary_metrics(final, final_ema)
             if saver is not None:
                 lrs = [group['lr'] for group in optimizer.param_groups]
                 lr = sum(lrs) / len(lrs)
                 with _writing(folder, f'the checkpoint of epoch {epoch}'):
                     update_summary(epoch, train_metrics, eval_metrics, str(folder.file(SUMMARY_FILE)), lr=lr,
                                    write_header=None)
-                    _, best_epoch = saver.save_checkpoint(epoch, metric=latest)
+                    results.best_metric, results.best_epoch = saver.save_checkpoint(epoch, metric=latest)
                     if args.save_epochs and epoch_done in args.save_epochs:
                         saver.save_milestone(epoch_done)
                     saver.remove_recoveries_through(epoch)
-                    folder.write_record(_record(run, final, final_ema, best_epoch, epoch_done))
+                    folder.write_record(_record(run, final, final_ema, results.best_epoch, epoch_done))
                 loggers.log_epoch(epoch, epoch_row(epoch, train_metrics, eval_metrics, lr))
+            results.epochs.append({'epoch': epoch, 'train': train_metrics, **(
+                {'validation': eval_metrics} if eval_metrics else {})})
             if run.lr_scheduler is not None:
                 run.lr_scheduler.step(epoch_done, latest)
-    return final, final_ema
+    results.final, results.final_ema = final, final_ema
+    return results
 
 
 def _recovery_saver(saver, folder: RunFolder):
@@ -381,24 +405,32 @@ def _recovery_saver(saver, folder: RunFolder):
     return save_recovery
 
 
-def _finish(run: Run, folder: RunFolder, final: Optional[Dict[str, float]],
-            final_ema: Optional[Dict[str, float]]) -> int:
-    """The final line, then the export / upload the Hub flags ask for (rank 0)."""
+def _finish(run: Run, folder: RunFolder, results: Optional[Results]) -> int:
+    """The end of a run on rank 0, as timm's: the best metric, then the export / upload the Hub flags ask for, then
+    the final metrics and timm's ``--result`` JSON on stdout."""
     args = run.args
-    if final is not None:
-        shown = final_ema or final
-        print(f"Final ({'EMA' if final_ema else 'model'}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  "
-              f"top-5 {shown['top5']:.2f}%  NLL {shown['nll']:.4f}  ECE {shown['ece']:.2f}%")
-    print(f'Checkpoints and summary in {folder.path}')
+    if results is not None and results.best_metric is not None:
+        _logger.info(f'*** Best metric: {results.best_metric} (epoch {results.best_epoch})')
+    code = 0
     try:
         publish_run(args, folder.path)
     except HubUploadError as e:
         print(f'timm-tfkd: error: {e}', file=sys.stderr)
-        return 1
+        code = 1
     except TfKDError as e:
         print(f'timm-tfkd: error: export of {folder.path} failed: {e}', file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    if results is not None and results.final is not None:
+        shown = results.final_ema or results.final
+        print(f"Final ({'EMA' if results.final_ema else 'model'}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  "
+              f"top-5 {shown['top5']:.2f}%  NLL {shown['nll']:.4f}  ECE {shown['ece']:.2f}%")
+    print(f'Checkpoints and summary in {folder.path}')
+    if results is not None:
+        metric = args.eval_metric if run.data.loader_eval is not None else 'loss'
+        ranked = sorted(results.epochs, key=lambda r: r.get('validation', r['train']).get(metric, 0),
+                        reverse=metric in DECREASING_METRICS)
+        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+    return code
 
 
 class _Terminated(BaseException):
@@ -421,56 +453,38 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
         TfKDError: Bad input (before anything is written) or a stopped run (:class:`RunStopped`).
     """
     command_line = parse_args(argv)
-    args, warnings = _set_up(command_line)
     folder = None
-    try:
-        run = _prepare(command_line)
-        _resume_and_wrap(run)
-        if run.primary:
-            for warning in warnings:
-                _logger.warning(warning)
-        if run.start_epoch >= run.end_epoch:
+    with held_logs() as release:
+        args, warnings = _set_up(command_line)
+        try:
+            run = _prepare(command_line)
+            _resume_and_wrap(run)
             if run.primary:
-                _logger.warning(f'Nothing to train: the run is at epoch {run.start_epoch} of {run.end_epoch}')
-            return _finish(run, run.plan.folder, None, None) if run.primary else 0
-        with _run_folder(run) as folder:
-            final, final_ema = _train_epochs(run, folder if run.primary else None)
-            code = _finish(run, folder, final, final_ema) if run.primary else 0
-        return code
-    except NonFiniteLossError as e:
-        _logger.error(str(e))
-        return 1
-    except KeyboardInterrupt:
-        raise _stopped(folder, 'interrupted (Ctrl-C)', signal.SIGINT) from None
-    except _Terminated:
-        raise _stopped(folder, 'stopped by SIGTERM', signal.SIGTERM) from None
-    finally:
-        if args.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class _ConsoleHandler(logging.StreamHandler):
-    """timm's console log format, with INFO on stdout and warnings / errors on stderr.
-
-    The stream is looked up for each record, so a replaced ``sys.stdout`` / ``sys.stderr`` (pytest's capture, a
-    caller's redirect) is honoured instead of one captured when the handler was made.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.setFormatter(FormatterNoInfo())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-        super().emit(record)
-
-
-def _setup_logging() -> None:
-    """Like timm's ``setup_default_logging``, but stderr keeps only warnings and errors (so bad input is exactly one
-    line there) and the handler is added once however often :func:`main` runs in a process."""
-    if not any(isinstance(handler, _ConsoleHandler) for handler in logging.root.handlers):
-        logging.root.addHandler(_ConsoleHandler())
-    logging.root.setLevel(logging.INFO)
+                for warning in warnings:
+                    _logger.warning(warning)
+            if run.start_epoch >= run.end_epoch:
+                release()
+                if run.primary:
+                    _logger.warning(f'Nothing to train: the run is at epoch {run.start_epoch} of {run.end_epoch}')
+                return _finish(run, run.plan.folder, None) if run.primary else 0
+            with _run_folder(run) as folder:
+                # W&B can still refuse here (it checks its login only when the run starts): still one line.
+                loggers = create_epoch_loggers(args, folder.path.name) if run.primary else EpochLoggers()
+                release()
+                results = _train_epochs(run, folder if run.primary else None, loggers)
+                code = _finish(run, folder, results) if run.primary else 0
+            return code
+        except NonFiniteLossError as e:
+            release()
+            _logger.error(str(e))
+            return 1
+        except KeyboardInterrupt:
+            raise _stopped(folder, 'interrupted (Ctrl-C)', signal.SIGINT) from None
+        except _Terminated:
+            raise _stopped(folder, 'stopped by SIGTERM', signal.SIGTERM) from None
+        finally:
+            if args.distributed and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -480,12 +494,12 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point: bad input gives one line on stderr and exit code 2, no traceback; a run stopped by
     Ctrl-C or SIGTERM says where its last checkpoint is and exits with 130 / 143."""
-    _setup_logging()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     # Under torchrun every process sees the error; one line from rank 0 is enough.
     report = os.environ.get('RANK', '0') == '0'
     try:
-        return train(argv)
+        with console_logging():
+            return train(argv)
     except RunStopped as e:
         if report:
             print(f'train_tfkd.py: {e}', file=sys.stderr)

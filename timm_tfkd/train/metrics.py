@@ -69,6 +69,16 @@ class ClassificationMetrics:
             dist.all_reduce(self.totals)
             dist.all_reduce(self.bin_stats)
 
+    def running(self, reduce: bool = False) -> Dict[str, float]:
+        """Mean NLL (``loss``), ``top1`` and ``top5`` of the samples so far, summed over all ranks when ``reduce``
+        (every rank must call it then); the sums themselves are left as they are."""
+        totals = self.totals.clone()
+        if reduce:
+            dist.all_reduce(totals)
+        samples, nll_sum, correct1, correct5 = totals.tolist()
+        samples = max(samples, 1.0)
+        return {'loss': nll_sum / samples, 'top1': 100.0 * correct1 / samples, 'top5': 100.0 * correct5 / samples}
+
     def compute(self) -> Dict[str, float]:
         """``loss`` and ``nll`` (mean NLL), ``top1``, ``top5`` and ``ece`` (percent)."""
         samples, nll_sum, correct1, correct5 = self.totals.tolist()
