@@ -18,9 +18,8 @@ result['loss'].backward()
 optimizer.step()
 print(f"reg: loss {result['loss']:.3f} = 0.9 * CE {result['task_loss']:.3f} + 0.1 * KL {result['kd_loss']:.3f}")
 
-# Tf-KD-self: the trained model, frozen, teaches a fresh copy of its own architecture.
-mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-teacher = create_self_teacher(model, 'test_resnet', num_classes=10, in_chans=3, student_mean=mean, student_std=std)
+# Tf-KD-self: a frozen copy of the trained model (it stays trainable) teaches a fresh one of its architecture.
+teacher = create_self_teacher(model)
 student = timm.create_model('test_resnet', num_classes=10)
 self_task = TfKDSelfTask(student, teacher, SelfDistillLoss(alpha=0.9, temperature=6.0))
 print(f"self: kd_loss {self_task(images, labels)['kd_loss']:.3f}")

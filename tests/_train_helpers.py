@@ -24,7 +24,7 @@ from timm_tfkd.methods import get_method
 from timm_tfkd.train.build import create_student, create_task
 from timm_tfkd.train.config import parse_args
 from timm_tfkd.train.data import mixup_settings
-from timm_tfkd.train.policy import check_smoothing, check_supported, resolve_smoothing
+from timm_tfkd.train.policy import check_smoothing, check_supported, mixup_smoothing, resolve_smoothing
 from timm_tfkd.train.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,8 +208,8 @@ def build_task(argv: Sequence[str], device: str = 'cpu') -> Tuple[argparse.Names
     data_config = resolve_student_data_config(vars(args), model)
     smoothing, _ = resolve_smoothing(args, command_line.explicit)
     check_smoothing(args, smoothing)
-    mixup_active = mixup_settings(args, 0.0) is not None
-    task = create_task(args, model, smoothing, mixup_active, data_config, None, torch.device(device), None,
+    folded = mixup_smoothing(args, smoothing) if mixup_settings(args, 0.0) is not None else None
+    task = create_task(args, model, smoothing, folded, data_config, None, torch.device(device), None,
                        verbose=False)
     return args, task
 

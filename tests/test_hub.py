@@ -102,15 +102,17 @@ def _clone(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state_dict.items()}
 
 
-def build_run(root: Path, ema: bool = False, ema_better: bool = False, mode: str = 'self') -> TrainedRun:
+def build_run(root: Path, ema: bool = False, ema_better: bool = False, mode: str = 'self',
+              model_name: str = 'test_resnet') -> TrainedRun:
     """Train nothing, but save what timm's train.py would: CheckpointSaver files, summary, args, run_info."""
     torch.manual_seed(0)
     run_dir = root / 'output' / 'train' / 'tfkd-run'
     run_dir.mkdir(parents=True)
-    model = timm.create_model('test_resnet', num_classes=NUM_CLASSES, in_chans=1, pretrained=False)
+    model = timm.create_model(model_name, num_classes=NUM_CLASSES, in_chans=1, pretrained=False)
     model_ema = ModelEmaV3(model, decay=0.9) if ema else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     args = _train_args(root, ema, mode)
+    args.model = model_name
     saver = CheckpointSaver(model, optimizer, args=args, model_ema=model_ema, checkpoint_dir=str(run_dir),
                             recovery_dir=str(run_dir), decreasing=False, max_history=2, task=None)
     states, ema_states, rows = {}, {}, []
@@ -536,3 +538,23 @@ def test_cli_bad_inputs_exit_2_with_one_line(make_run, offline_hub, monkeypatch,
         assert err.startswith('timm-tfkd: error: ') and err.count('\n') == 1, (argv, err)
     assert api.calls == []
     assert not (run.root / 'export').exists() and not (run.run_dir / 'hub_export').exists()
+
+
+def test_export_files_are_readable_by_everyone(make_run):
+    run = make_run()
+    out = hub.export_run(run.run_dir, run.root / 'export')
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == dict.fromkeys(hub.EXPORT_FILES, 0o644)
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_export_of_a_timm_tfkd_architecture_says_it_needs_the_plugin(make_run):
+    run = make_run(model_name='cifar_resnet18')
+    out = hub.export_run(run.run_dir, run.root / 'export')
+    card = (out / 'README.md').read_text()
+    assert 'no plugin code is needed' not in card
+    assert '`import timm_tfkd` before `timm.create_model`' in card and 'Unknown model (cifar_resnet18)' in card
+    assert 'import timm_tfkd  # registers cifar_resnet18 with timm' in card
+    assert 'import timm_tfkd' in json.loads((out / 'config.json').read_text())['requires']
+    assert_weights_equal(timm.create_model(f'local-dir:{out}', pretrained=True), run.states[BEST_EPOCH])
+    plain = (make_run().run_dir, run.root / 'plain')
+    assert 'no plugin code is needed' in (hub.export_run(*plain) / 'README.md').read_text()

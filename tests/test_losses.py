@@ -243,3 +243,31 @@ def test_reg_paper_with_tau_one_and_a_one_is_cross_entropy():
     loss = VirtualTeacherLoss(alpha=0.5, temperature=1.0, correct_prob=1.0)
     torch.testing.assert_close(loss(z, y), F.cross_entropy(z, y), rtol=0, atol=1e-12)
     assert math.isfinite(loss(z, y).item())
+
+
+def test_one_default_for_the_losses_and_the_flags():
+    import argparse
+    from timm_tfkd import add_tfkd_args
+    parser = argparse.ArgumentParser()
+    add_tfkd_args(parser)
+    flags = parser.parse_args([])
+    for loss in (SelfDistillLoss(), VirtualTeacherLoss()):
+        assert (loss.alpha, loss.temperature) == (flags.tfkd_alpha, flags.tfkd_temperature) == (0.1, 20.0)
+    assert VirtualTeacherLoss().correct_prob == flags.tfkd_correct_prob
+
+
+def test_forwards_say_what_they_take():
+    for loss in (VirtualTeacherLoss, SelfDistillLoss, LabelSmoothingLoss):
+        assert 'soft targets (B, K) whose rows sum to 1' in loss.forward.__doc__
+
+
+@pytest.mark.parametrize('scale', [0.5, 1.01])
+def test_soft_targets_must_be_distributions(scale):
+    z = _logits(0).detach()
+    q = _mixed_targets(0)[0] * scale
+    for loss in (VirtualTeacherLoss(), LabelSmoothingLoss()):
+        with pytest.raises(ValueError, match='rows must sum to 1'):
+            loss(z, q)
+    with pytest.raises(ValueError, match='rows must sum to 1'):
+        SelfDistillLoss()(z, z, q)
+    VirtualTeacherLoss()(z, q / scale * (1 + 1e-4))  # float rounding of a distribution is fine

@@ -38,3 +38,15 @@ def test_every_tfkd_flag_is_documented():
         for option in action.option_strings:
             if option.startswith('--tfkd-'):
                 assert option in README, option
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, '-m', 'timm_tfkd', '--version'], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith('timm-tfkd '), result.stderr
+
+
+def test_readme_links_resolve_outside_the_repository():
+    """The wheel's metadata carries README: a link to a file of the repository would be dead on PyPI."""
+    links = re.findall(r'\]\(([^)]+)\)', README)
+    assert all(link.startswith(('http://', 'https://', '#')) for link in links), links

@@ -373,3 +373,13 @@ def test_reg_correct_prob_bound_follows_model_classes():
     assert isinstance(create_tfkd_task(args, _model('test_resnet', num_classes=10)), TfKDRegTask)
     args = _args('test_resnet', '--tfkd-mode', 'reg', '--tfkd-correct-prob', '0.21')
     assert isinstance(create_tfkd_task(args, _model('test_resnet', num_classes=5)), TfKDRegTask)
+
+
+def test_self_task_state_dict_leaves_the_teacher_out():
+    task = _task('test_resnet', 'self')
+    state = task.state_dict()
+    assert state and not any('teacher' in key for key in state)
+    assert set(state) == {f'trainable_module.{key}' for key in _student(task).state_dict()}
+    fresh = _task('test_resnet', 'self', seed=1)
+    assert not fresh.load_state_dict(state).missing_keys
+    _assert_state_equal(_student(fresh), {k[len('trainable_module.'):]: v for k, v in state.items()})

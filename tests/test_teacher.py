@@ -272,3 +272,36 @@ def test_run_checkpoint_teacher_is_the_network_its_run_trained(tmp_path):
     config = resolve_data_config({}, model=trained)  # the student normalizes as the teacher's run did
     teacher = _build(str(tmp_path), model_name=None, mean=config['mean'], std=config['std'])
     _same_logits(teacher, trained, _x(size=32))
+
+
+def test_a_module_source_is_copied_and_the_callers_module_left_as_it_was():
+    model = _model().train()
+    teacher = create_self_teacher(model)  # model name, classes and statistics come from the module itself
+    assert teacher.model is not model and model.training and all(p.requires_grad for p in model.parameters())
+    # The caller can go on training its module: a frozen alias would fail here with an autograd error.
+    loss = model(_x()).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not teacher.renormalize  # no student statistics given: the input is the teacher's own
+    assert teacher.identity['model'] == 'test_resnet'
+
+
+def test_the_teacher_holds_its_network_once(monkeypatch):
+    import functools
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
+    network = _model()
+    teacher = SelfTeacher(network, *IMAGENET).speed_up(_x(seed=5), compile=True)
+    assert len(teacher.state_dict()) == len(network.state_dict())
+    assert sum(1 for _ in teacher.children()) == 1 and repr(teacher).count('ResNet(') == 1
+
+
+def test_an_export_folder_is_a_source_with_one_identity(tmp_path):
+    import hashlib
+    model = _model()
+    save_for_hf(model, tmp_path / 'export', safe_serialization=True)
+    weights = tmp_path / 'export' / 'model.safetensors'
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for source in (str(tmp_path / 'export'), f'local-dir:{tmp_path / "export"}', str(weights)):
+        teacher = _build(source)
+        _same_logits(teacher, model, _x())
+        assert teacher.identity['sha256'] == expected, source

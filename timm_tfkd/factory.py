@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
-from .methods import TaskContext, get_method, registered_flags
+from .losses import DEFAULT_ALPHA, DEFAULT_CORRECT_PROB, DEFAULT_TEMPERATURE
+from .methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, Method, TaskContext, get_method, registered_flags
 from .teacher import SelfTeacher
 
 _logger = logging.getLogger(__name__)
@@ -21,9 +22,9 @@ TIMM_DEFAULT_SMOOTHING = 0.1  # timm's train.py --smoothing
 
 def create_tfkd_loss(
         mode: str,
-        alpha: float = 0.1,
-        temperature: float = 20.0,
-        correct_prob: float = 0.99,
+        alpha: float = DEFAULT_ALPHA,
+        temperature: float = DEFAULT_TEMPERATURE,
+        correct_prob: float = DEFAULT_CORRECT_PROB,
         formula: str = 'paper',
         multiplier: float = 1.0,
         smoothing: float = 0.1,
@@ -42,6 +43,35 @@ def create_tfkd_loss(
     return get_method(mode).create_loss(args, smoothing)
 
 
+def mixup_active(args: argparse.Namespace) -> bool:
+    """Whether timm's Mixup / CutMix flags turn either on."""
+    return getattr(args, 'mixup', 0) > 0 or getattr(args, 'cutmix', 0) > 0 or \
+        getattr(args, 'cutmix_minmax', None) is not None
+
+
+def _account_for_mixup(args: argparse.Namespace, method: Method, smoothing: float, mixup_smoothing: Optional[float],
+                       verbose: bool) -> float:
+    """The smoothing the method's loss still has to apply, given what Mixup put into the targets."""
+    told = mixup_smoothing is not None
+    if not told:
+        mixup_smoothing = smoothing if mixup_active(args) else 0.0
+    if mixup_smoothing <= 0:
+        return smoothing
+    if method.smoothing == SMOOTHING_EPSILON:
+        if getattr(args, 'tfkd_smoothing_convention', 'timm') != 'timm':
+            raise ValueError(f'--tfkd-mode {method.name} with the reference smoothing convention cannot take Mixup / '
+                             f"CutMix targets smoothed by timm's train.py (timm's convention): use train_tfkd.py, or "
+                             f'--smoothing 0 on Mixup and the loss')
+        if verbose:
+            _logger.info(f'Tf-KD {method.name}: Mixup / CutMix already smooth the targets by {mixup_smoothing:g} '
+                         f"(timm's convention); the loss does not smooth them again")
+        return 0.0
+    if method.smoothing == SMOOTHING_EXPLICIT and not told and verbose:
+        _logger.warning(f"timm's train.py folds --smoothing {mixup_smoothing:g} into the Mixup / CutMix targets: it "
+                        f'stacks on Tf-KD {method.name}; pass --smoothing 0 unless that is meant')
+    return smoothing
+
+
 def create_tfkd_task(
         args: argparse.Namespace,
         model: nn.Module,
@@ -52,9 +82,14 @@ def create_tfkd_task(
         num_train_samples: Optional[int] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
-        verbose: bool = True,
+        verbose: Optional[bool] = None,
+        mixup_smoothing: Optional[float] = None,
 ) -> TrainingTask:
     """Build the training task for ``args.tfkd_mode`` from arguments registered by :func:`add_tfkd_args`.
+
+    Called from a copy of timm's ``train.py``, it accounts for what that script does around the task: Mixup /
+    CutMix fold ``--smoothing`` into their targets, so ``lsr`` does not smooth them a second time, and a Tf-KD
+    method whose targets are smoothed that way is told so in one log line; only rank 0 logs.
 
     Args:
         args: Parsed arguments (timm's ``train.py`` flags plus the Tf-KD group).
@@ -67,17 +102,25 @@ def create_tfkd_task(
             per-sample state.
         device: Device for the task and teacher.
         dtype: Dtype for task tensors.
-        verbose: Log the set-up.
+        verbose: Log the set-up (default: on rank 0 only, from ``args.rank`` as timm's ``train.py`` sets it).
+        mixup_smoothing: The label smoothing the caller's Mixup / CutMix already put into the targets (default: as
+            timm's ``train.py`` builds them, ``smoothing`` when Mixup or CutMix is on, else 0).
 
     Returns:
         The method's task: timm's ClassificationTask for 'none' / 'lsr', :class:`~timm_tfkd.tasks.TfKDRegTask` for
         'reg', :class:`~timm_tfkd.tasks.TfKDSelfTask` for 'self' / 'kd'.
+
+    Raises:
+        ValueError: Targets Mixup smoothed in timm's convention for ``lsr`` in the reference convention.
     """
     method = get_method(args.tfkd_mode)
+    if verbose is None:
+        verbose = getattr(args, 'rank', 0) == 0
     if verbose:
         _logger.info(method.describe(args))
     if smoothing is None:
         smoothing = getattr(args, 'smoothing', TIMM_DEFAULT_SMOOTHING)
+    smoothing = _account_for_mixup(args, method, smoothing, mixup_smoothing, verbose)
     context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
                           num_train_samples=num_train_samples, device=device, dtype=dtype, verbose=verbose)
     return method.create_task(args, model, context)

@@ -20,6 +20,13 @@ import torch.nn.functional as F
 
 FORMULAS = ('paper', 'official')
 SMOOTHING_CONVENTIONS = ('timm', 'reference')
+# The defaults of the losses, which the ``--tfkd-*`` flags share: the reference ImageNet settings (alpha 0.1, T 20)
+# and the reference code's virtual teacher (a = 0.99).
+DEFAULT_ALPHA = 0.1
+DEFAULT_TEMPERATURE = 20.0
+DEFAULT_CORRECT_PROB = 0.99
+# Soft targets are probability rows: a row sum farther from 1 than this is refused.
+TARGET_SUM_TOLERANCE = 1e-3
 
 
 class LossTerms(NamedTuple):
@@ -101,7 +108,7 @@ def check_target(logits: torch.Tensor, target: torch.Tensor) -> bool:
         True for dense soft targets, False for class indices.
 
     Raises:
-        ValueError: Shapes or class indices do not fit the logits.
+        ValueError: Shapes or class indices do not fit the logits, or soft target rows do not sum to 1.
     """
     if logits.ndim != 2:
         raise ValueError(f'logits must be shaped (batch, classes), got {tuple(logits.shape)}')
@@ -111,6 +118,13 @@ def check_target(logits: torch.Tensor, target: torch.Tensor) -> bool:
             raise ValueError(
                 f'soft target must be a float tensor shaped {(batch, num_classes)}, '
                 f'got {target.dtype} {tuple(target.shape)}')
+        # The virtual teacher and the smoothing maps are affine in q: they assume q is a distribution.
+        off = (target.sum(dim=-1) - 1.0).abs().max() if batch else target.new_zeros(())
+        if target.device.type == 'cpu':
+            if off > TARGET_SUM_TOLERANCE:
+                raise ValueError(f'soft target rows must sum to 1 (probabilities), a row is off by {float(off):.3g}')
+        else:
+            torch._assert_async(off <= TARGET_SUM_TOLERANCE, 'soft target rows must sum to 1')
         return True
     if target.ndim != 1 or target.shape[0] != batch or target.is_floating_point():
         raise ValueError(
@@ -238,9 +252,9 @@ class VirtualTeacherLoss(nn.Module):
 
     def __init__(
             self,
-            alpha: float = 0.1,
-            temperature: float = 20.0,
-            correct_prob: float = 0.99,
+            alpha: float = DEFAULT_ALPHA,
+            temperature: float = DEFAULT_TEMPERATURE,
+            correct_prob: float = DEFAULT_CORRECT_PROB,
             formula: str = 'paper',
             multiplier: float = 1.0,
     ):
@@ -286,6 +300,12 @@ class VirtualTeacherLoss(nn.Module):
         return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, student_temperature))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The reg loss, a scalar averaged over the batch.
+
+        Args:
+            logits: Student logits (B, K).
+            target: Class indices (B,) or soft targets (B, K) whose rows sum to 1 (Mixup / CutMix).
+        """
         return self.terms(logits, target).loss
 
 
@@ -303,7 +323,8 @@ class SelfDistillLoss(nn.Module):
         multiplier: Extra factor m on the KL term, > 0.
     """
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 20.0, formula: str = 'paper', multiplier: float = 1.0):
+    def __init__(self, alpha: float = DEFAULT_ALPHA, temperature: float = DEFAULT_TEMPERATURE, formula: str = 'paper',
+                 multiplier: float = 1.0):
         super().__init__()
         self.alpha = check_unit_interval('alpha', alpha)
         self.temperature = check_positive('temperature', temperature)
@@ -329,6 +350,13 @@ class SelfDistillLoss(nn.Module):
         return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, self.temperature))
 
     def forward(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The distillation loss, a scalar averaged over the batch.
+
+        Args:
+            logits: Student logits (B, K).
+            teacher_logits: The frozen teacher's logits (B, K); no gradient flows into them.
+            target: Class indices (B,) or soft targets (B, K) whose rows sum to 1 (Mixup / CutMix).
+        """
         return self.terms(logits, teacher_logits, target).loss
 
 
@@ -361,6 +389,12 @@ class LabelSmoothingLoss(nn.Module):
         return TwoValuedTeacher(1.0 - self.smoothing, self.smoothing / (num_classes - 1))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the smoothed target, a scalar averaged over the batch.
+
+        Args:
+            logits: Logits (B, K).
+            target: Class indices (B,) or soft targets (B, K) whose rows sum to 1 (Mixup / CutMix).
+        """
         soft = check_target(logits, target)
         smoothed = self.smoothed_target(logits.shape[-1])
         if soft:

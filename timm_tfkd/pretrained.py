@@ -11,8 +11,8 @@ from timm.models import get_pretrained_cfg
 from timm.models._hub import hf_split
 
 PROBE_TIMEOUT_S = 5.0
-# What timm reads from a Hub repo, in the order it tries them.
-_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# The weights files timm reads from a Hub repo or export folder, in the order it tries them.
+HUB_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 
 
 def _hub_files(name: str) -> Optional[Tuple[str, Optional[str], Sequence[str]]]:
@@ -22,7 +22,7 @@ def _hub_files(name: str) -> Optional[Tuple[str, Optional[str], Sequence[str]]]:
         return None
     if name.startswith('hf-hub:'):
         repo_id, revision = hf_split(name[len('hf-hub:'):])
-        return repo_id, revision, ('config.json',)
+        return repo_id, revision, ('config.json', *HUB_WEIGHT_FILES)
     try:
         cfg = get_pretrained_cfg(name)
     except (RuntimeError, ValueError):
@@ -30,7 +30,7 @@ def _hub_files(name: str) -> Optional[Tuple[str, Optional[str], Sequence[str]]]:
     if cfg is None or not cfg.hf_hub_id:
         return None
     repo_id, revision = hf_split(cfg.hf_hub_id)
-    return repo_id, revision, ((cfg.hf_hub_filename,) if cfg.hf_hub_filename else _WEIGHT_FILES)
+    return repo_id, revision, ((cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES)
 
 
 def pretrained_unavailable(name: str) -> Optional[str]:
@@ -43,13 +43,24 @@ def pretrained_unavailable(name: str) -> Optional[str]:
     if found is None:
         return None
     repo_id, revision, files = found
-    if any(isinstance(try_to_load_from_cache(repo_id, file, revision=revision), str) for file in files):
+    cached = [file for file in files if isinstance(try_to_load_from_cache(repo_id, file, revision=revision), str)]
+    if any(file != 'config.json' for file in cached) and ('config.json' in cached or 'config.json' not in files):
         return None
     if hf_constants.HF_HUB_OFFLINE:
         return f"its weights ({repo_id}) are not in the local Hub cache and HF_HUB_OFFLINE is set"
-    try:
+    try:  # the first file timm asks for
         get_hf_file_metadata(hf_hub_url(repo_id, files[0], revision=revision), timeout=PROBE_TIMEOUT_S)
     except Exception as e:  # connection, DNS, timeout, 401/404: timm's download would fail the same way, slowly
         return (f'its weights ({repo_id}) are not in the local Hub cache and the Hub cannot be reached '
                 f'({type(e).__name__}); download them first, or use local-dir:/path')
     return None
+
+
+def cached_weights_file(name: str) -> Optional[str]:
+    """The weights file of ``name`` in the local Hub cache (after timm loaded it), for its checksum; None if none."""
+    found = _hub_files(name)
+    if found is None:
+        return None
+    repo_id, revision, files = found
+    paths = (try_to_load_from_cache(repo_id, file, revision=revision) for file in files if file != 'config.json')
+    return next((path for path in paths if isinstance(path, str)), None)

@@ -7,7 +7,7 @@ a class-by-class matrix) goes through timm's own ``TrainingTask.get_task_state``
 timm's ``CheckpointSaver`` writes into every checkpoint and ``resume_task_checkpoint`` restores.
 """
 import logging
-from typing import Dict, Optional, Protocol, runtime_checkable
+from typing import Any, Dict, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -76,11 +76,23 @@ class TfKDRegTask(ClassificationTask):
         return _result(output, self.criterion.terms(output, target))
 
 
+def _without_teacher(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [key for key in state_dict if key.startswith(f'{prefix}teacher.')]:
+        del state_dict[key]
+
+
+def _teacher_not_expected(module: nn.Module, incompatible_keys: Any) -> None:
+    missing = [key for key in incompatible_keys.missing_keys if '.teacher.' in f'.{key}']
+    for key in missing:
+        incompatible_keys.missing_keys.remove(key)
+
+
 class TfKDSelfTask(TrainingTask):
     """Tf-KD-self (and normal / reversed / defective KD): a student taught by a frozen :class:`SelfTeacher`.
 
     Only the student is trainable: only it is DDP-wrapped, handed to the optimizer, copied by EMA and saved in
-    checkpoints. The teacher stays in eval mode when the task is switched to train.
+    checkpoints; the task's own ``state_dict`` leaves the teacher out too (it is rebuilt from its source). The teacher
+    stays in eval mode when the task is switched to train.
 
     Args:
         model: The student.
@@ -109,6 +121,8 @@ class TfKDSelfTask(TrainingTask):
         student_classes = unwrap_model(model).num_classes
         if teacher.num_classes != student_classes:
             raise ValueError(f'teacher has {teacher.num_classes} classes, the student {student_classes}')
+        self.register_state_dict_post_hook(_without_teacher)
+        self.register_load_state_dict_post_hook(_teacher_not_expected)
         if verbose:
             _logger.info(f'{type(self).__name__}: criterion={criterion}, teacher={teacher.identity}')
 

@@ -1,6 +1,8 @@
 """The frozen teacher of Tf-KD-self and KD: built once, always in eval, never trained, saved or wrapped."""
+import copy
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,7 +15,7 @@ from .checkpoint_io import describe_mismatch, extract_state_dict, read_checkpoin
 from .data_config import channel_stats
 from .dtypes import DTYPES
 from .errors import CheckpointError, RunFolderError, TeacherError
-from .pretrained import pretrained_unavailable
+from .pretrained import HUB_WEIGHT_FILES, cached_weights_file, pretrained_unavailable
 from .run_folder import RunFolder, architecture_kwargs
 
 _logger = logging.getLogger(__name__)
@@ -119,7 +121,12 @@ class SelfTeacher(nn.Module):
         self.identity = identity or {}
         self.channels_last = False
         self.compute_dtype = torch.float32
-        self._forward_model = self.model
+        self._set_forward(self.model)
+
+    def _set_forward(self, forward: nn.Module) -> None:
+        """What runs the forward: the network, or its compiled form; kept out of the module tree, so the network's
+        weights appear once in ``state_dict`` and ``repr``."""
+        self.__dict__['_forward_model'] = forward
 
     @property
     def num_classes(self) -> int:
@@ -161,7 +168,7 @@ class SelfTeacher(nn.Module):
             self.compute_dtype = DTYPES[dtype]
             self.model.to(self.compute_dtype)
         if compile:
-            self._forward_model = torch.compile(self.model)
+            self._set_forward(torch.compile(self.model))
         logits = self(example_input)
         error = ((logits - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
         if dtype != 'float32':
@@ -187,22 +194,119 @@ class SelfTeacher(nn.Module):
         return logits.clone()
 
 
-def _read_teacher_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Weights and what the checkpoint knows of its training run (``args`` of a timm training checkpoint)."""
-    file_path = str(RunFolder(path).best_checkpoint()) if os.path.isdir(path) else path
-    checkpoint = read_checkpoint(file_path)
-    state_dict = extract_state_dict(checkpoint)
+@dataclass
+class _Loaded:
+    """A teacher network read from its source, what it is, and what its training run knew."""
+    model: nn.Module
+    identity: Dict[str, Any]
+    run_args: Dict[str, Any] = field(default_factory=dict)
+
+
+def _weights_file(folder: str) -> Optional[str]:
+    """The weights file of an export folder (what ``local-dir:`` loads), if it is one."""
+    if not os.path.isfile(os.path.join(folder, 'config.json')):
+        return None
+    return next((os.path.join(folder, name) for name in HUB_WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))),
+                None)
+
+
+def _from_module(source: nn.Module) -> _Loaded:
+    # A copy: freezing the caller's own module would break its later training with an unclear autograd error.
+    model = copy.deepcopy(source)
+    return _Loaded(model, {'source': type(source).__name__, 'sha256': state_dict_sha256(model.state_dict())})
+
+
+def _from_hub(source: str) -> _Loaded:
+    """``hf-hub:org/name[@rev]``, ``local-dir:/path`` or an export folder; identified by its weights file."""
+    problem = pretrained_unavailable(source)
+    if problem:
+        raise TeacherError(f"cannot load teacher '{source}': {problem}")
+    try:
+        model = create_model(source, pretrained=True)
+    except Exception as e:  # hub / file errors from timm and huggingface_hub, all fatal here
+        raise TeacherError(f"cannot load teacher '{source}': {type(e).__name__}: {e}") from None
+    location = source.partition(':')[2]
+    if source.startswith('hf-hub:'):
+        shown, weights = source, cached_weights_file(source)
+    else:
+        shown, weights = os.path.basename(location.rstrip('/')), _weights_file(location)
+    sha256 = sha256_file(weights) if weights else state_dict_sha256(model.state_dict())
+    return _Loaded(model, {'source': shown, 'sha256': sha256})
+
+
+def _from_pretrained(source: str, model_name: Optional[str], in_chans: Optional[int]) -> _Loaded:
+    """``pretrained`` or ``pretrained:TAG``: timm's published weights of ``model_name``."""
+    if not model_name:
+        raise TeacherError(f"teacher '{source}' needs a teacher model name")
+    tag = source.partition(':')[2]
+    full_name = f'{model_name}.{tag}' if tag else model_name
+    problem = pretrained_unavailable(full_name)
+    if problem:
+        raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {problem}")
+    try:
+        # With the student's num_classes, timm would drop a classifier trained for other classes and leave a
+        # freshly initialized head, silently; built as published, the class check refuses it instead.
+        model = create_model(full_name, pretrained=True, **({'in_chans': in_chans} if in_chans else {}))
+    except Exception as e:
+        raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {type(e).__name__}: {e}") from None
+    weights = cached_weights_file(full_name)
+    sha256 = sha256_file(weights) if weights else state_dict_sha256(model.state_dict())
+    return _Loaded(model, {'source': f'timm:{full_name}', 'sha256': sha256, 'model': model_name})
+
+
+def _head_and_input(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Tuple[Optional[int], Optional[int]]:
+    """Classes and input channels a state dict was trained with, read from the shapes of its classifier and first
+    convolution (named by the architecture's pretrained config)."""
+    cfg = create_model(model_name, pretrained=False).pretrained_cfg
+    found = []
+    for key, dim in ((cfg.get('classifier'), 0), (cfg.get('first_conv'), 1)):
+        key = key[0] if isinstance(key, (list, tuple)) else key
+        weight = state_dict.get(f'{key}.weight')
+        found.append(int(weight.shape[dim]) if weight is not None and weight.ndim > dim else None)
+    return found[0], found[1]
+
+
+def _from_checkpoint(source: str, model_name: Optional[str], num_classes: Optional[int],
+                     in_chans: Optional[int]) -> _Loaded:
+    """A training checkpoint, a ``.safetensors`` / ``.pth`` file or a training run folder."""
+    if not os.path.exists(source):
+        raise TeacherError(f"teacher checkpoint '{source}' does not exist")
+    try:
+        path = str(RunFolder(source).best_checkpoint()) if os.path.isdir(source) else source
+        checkpoint = read_checkpoint(path)
+        state_dict = extract_state_dict(checkpoint)
+    except (CheckpointError, RunFolderError) as e:
+        raise TeacherError(str(e)) from None
     run_args = checkpoint.get('args')
     run_args = vars(run_args) if run_args is not None and not isinstance(run_args, dict) else (run_args or {})
-    identity = {'source': os.path.basename(os.path.normpath(path)), 'sha256': sha256_file(file_path)}
-    return state_dict, {'args': run_args, 'identity': identity}
+    model_name = model_name or run_args.get('model')
+    if not model_name:
+        raise TeacherError(f"cannot tell the architecture of teacher '{source}': give the teacher model name")
+    # The network its run trained (global pool, batch-norm eps, model kwargs shape its logits), when the checkpoint
+    # is of that architecture.
+    trained_args = run_args if run_args.get('model') == model_name else {}
+    try:
+        if num_classes is None or in_chans is None:
+            classes, channels = _head_and_input(model_name, state_dict)
+            num_classes = num_classes or trained_args.get('num_classes') or classes
+            in_chans = in_chans or trained_args.get('in_chans') or channels
+        model = create_model(model_name, **architecture_kwargs(trained_args, num_classes, in_chans))
+    except RuntimeError as e:
+        raise TeacherError(f"unknown teacher model '{model_name}': {e}") from None
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError:
+        raise TeacherError(describe_mismatch(model, state_dict, model_name, 'teacher checkpoint', 'the student')
+                           ) from None
+    identity = {'source': os.path.basename(os.path.normpath(source)), 'sha256': sha256_file(path), 'model': model_name}
+    return _Loaded(model, identity, run_args)
 
 
-def _check_fits_student(model: nn.Module, num_classes: int, in_chans: int, source: str) -> None:
+def _check_fits_student(model: nn.Module, num_classes: Optional[int], in_chans: Optional[int], source: str) -> None:
     problems = []
-    if getattr(model, 'num_classes', num_classes) != num_classes:
+    if num_classes is not None and getattr(model, 'num_classes', num_classes) != num_classes:
         problems.append(f'{model.num_classes} classes (student: {num_classes})')
-    if getattr(model, 'in_chans', in_chans) != in_chans:
+    if in_chans is not None and getattr(model, 'in_chans', in_chans) != in_chans:
         problems.append(f'{model.in_chans} input channels (student: {in_chans})')
     if problems:
         raise TeacherError(f"teacher '{source}' has " + ' and '.join(problems))
@@ -210,11 +314,11 @@ def _check_fits_student(model: nn.Module, num_classes: int, in_chans: int, sourc
 
 def create_self_teacher(
         source: Union[str, nn.Module],
-        model_name: Optional[str],
-        num_classes: int,
-        in_chans: int,
-        student_mean: Sequence[float],
-        student_std: Sequence[float],
+        model_name: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        student_mean: Optional[Sequence[float]] = None,
+        student_std: Optional[Sequence[float]] = None,
         teacher_mean: Optional[Sequence[float]] = None,
         teacher_std: Optional[Sequence[float]] = None,
         device: Optional[torch.device] = None,
@@ -222,83 +326,45 @@ def create_self_teacher(
     """Build a frozen teacher from a checkpoint, the Hub, timm's pretrained weights or a module.
 
     Args:
-        source: A timm training checkpoint, ``.safetensors`` / ``.pth`` file or training output folder (with
-            ``model_name`` the architecture, else the one recorded in the checkpoint's ``args``);
-            ``hf-hub:org/name`` or ``local-dir:/path``; ``pretrained`` or ``pretrained:TAG`` for timm's weights of
-            ``model_name``; or an ``nn.Module`` with its weights.
-        model_name: timm architecture of the teacher.
-        num_classes: The student's number of classes; the teacher must match.
-        in_chans: The student's input channels; the teacher must match.
-        student_mean: The student's input normalization mean.
-        student_std: The student's input normalization std.
+        source: A timm training checkpoint, ``.safetensors`` / ``.pth`` file or training output folder (the
+            architecture is ``model_name``, else the one its run recorded); ``hf-hub:org/name``, ``local-dir:/path``
+            or an export folder; ``pretrained`` or ``pretrained:TAG`` for timm's weights of ``model_name``; or an
+            ``nn.Module`` with its weights, which is copied (the caller's module is left as it is).
+        model_name: timm architecture of the teacher, when the source does not name it.
+        num_classes: The student's number of classes; the teacher must match (not checked when None).
+        in_chans: The student's input channels; the teacher must match (not checked when None).
+        student_mean: The student's input normalization mean (default: the teacher's, so inputs are not changed).
+        student_std: Likewise for std.
         teacher_mean: The teacher's normalization mean, when known better than its checkpoint or config says.
         teacher_std: Likewise for std.
         device: Where the teacher runs.
 
+    Returns:
+        The teacher. Its ``identity`` names the source and the SHA-256 of the weights file it was read from (the
+        state dict's for a module), the same however the file is referred to.
+
     Raises:
         TeacherError: The source is missing, unreadable, or does not fit the student.
     """
-    identity: Dict[str, Any]
-    run_args: Dict[str, Any] = {}
     if isinstance(source, nn.Module):
-        model, identity = source, {'source': type(source).__name__}
+        loaded = _from_module(source)
     elif source.startswith(HUB_PREFIXES):
-        problem = pretrained_unavailable(source)
-        if problem:
-            raise TeacherError(f"cannot load teacher '{source}': {problem}")
-        try:
-            model = create_model(source, pretrained=True)
-        except Exception as e:  # hub / file errors from timm and huggingface_hub, all fatal here
-            raise TeacherError(f"cannot load teacher '{source}': {type(e).__name__}: {e}") from None
-        identity = {'source': source if source.startswith('hf-hub:') else os.path.basename(source.rstrip('/'))}
+        loaded = _from_hub(source)
+    elif os.path.isdir(source) and _weights_file(source):
+        loaded = _from_hub(f'local-dir:{source}')
     elif source == 'pretrained' or source.startswith('pretrained:'):
-        if not model_name:
-            raise TeacherError(f"teacher '{source}' needs a teacher model name")
-        tag = source.partition(':')[2]
-        full_name = f'{model_name}.{tag}' if tag else model_name
-        problem = pretrained_unavailable(full_name)
-        if problem:
-            raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {problem}")
-        try:
-            # With the student's num_classes, timm would drop a classifier trained for other classes and leave a
-            # freshly initialized head, silently; built as published, the class check below refuses it instead.
-            model = create_model(full_name, pretrained=True, in_chans=in_chans)
-        except Exception as e:
-            raise TeacherError(f"cannot load timm pretrained weights '{full_name}': {type(e).__name__}: {e}") from None
-        identity = {'source': f'timm:{full_name}'}
+        loaded = _from_pretrained(source, model_name, in_chans)
     else:
-        if not os.path.exists(source):
-            raise TeacherError(f"teacher checkpoint '{source}' does not exist")
-        try:
-            state_dict, info = _read_teacher_state_dict(source)
-        except (CheckpointError, RunFolderError) as e:
-            raise TeacherError(str(e)) from None
-        run_args, identity = info['args'], info['identity']
-        model_name = model_name or run_args.get('model')
-        if not model_name:
-            raise TeacherError(f"cannot tell the architecture of teacher '{source}': give the teacher model name")
-        # The network its run trained (global pool, batch-norm eps, model kwargs shape its logits), when the
-        # checkpoint is of that architecture.
-        trained_args = run_args if run_args.get('model') == model_name else {}
-        try:
-            model = create_model(model_name, **architecture_kwargs(trained_args, num_classes, in_chans))
-        except RuntimeError as e:
-            raise TeacherError(f"unknown teacher model '{model_name}': {e}") from None
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError:
-            raise TeacherError(describe_mismatch(model, state_dict, model_name, 'teacher checkpoint', 'the student')
-                               ) from None
-        identity['model'] = model_name
-    identity.setdefault('model', model_name or getattr(model, 'default_cfg', {}).get('architecture'))
+        loaded = _from_checkpoint(source, model_name, num_classes, in_chans)
+    model, identity = loaded.model, loaded.identity
+    identity.setdefault('model', model_name or model.pretrained_cfg.get('architecture'))
     _check_fits_student(model, num_classes, in_chans, identity.get('source', str(source)))
-    if 'sha256' not in identity:
-        identity['sha256'] = state_dict_sha256(model.state_dict())
 
     if teacher_mean is None or teacher_std is None:
         # The teacher saw what its own run normalized with: the run's args, else the model's config.
-        config = resolve_data_config(run_args, model=model)
+        config = resolve_data_config(loaded.run_args, model=model)
         teacher_mean = teacher_mean or config['mean']
         teacher_std = teacher_std or config['std']
-    teacher = SelfTeacher(model, student_mean, student_std, teacher_mean, teacher_std, identity=identity)
+    teacher = SelfTeacher(model, student_mean or teacher_mean, student_std or teacher_std, teacher_mean, teacher_std,
+                          identity=identity)
     return teacher.to(device) if device is not None else teacher

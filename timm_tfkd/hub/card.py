@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 
 from ..methods import Method, get_method
+from ..models import registered_here
 from ..run_folder import METRIC_NAMES, RunRecord
 from .files import CONFIG_FILE, CURVES_FILE, METADATA_FILE, WEIGHTS_FILE
 
@@ -118,8 +119,11 @@ def _card_intro(meta: Dict[str, Any], record: RunRecord, repo_id: Optional[str])
         f'# {title}', '',
         f"A `{meta['model']}` image classifier ({meta['num_classes']} classes, {shape}) trained on `{dataset}` "
         f"with Teacher-free Knowledge Distillation ([Yuan et al., CVPR 2020](https://arxiv.org/abs/1909.11723)) "
-        f"using timm-tfkd, a plugin for [timm](https://github.com/huggingface/pytorch-image-models). "
-        f"The weights load with plain timm: no plugin code is needed.",
+        f"using timm-tfkd, a plugin for [timm](https://github.com/huggingface/pytorch-image-models). " + (
+            f"The architecture `{meta['model']}` is registered by timm-tfkd: `pip install timm-tfkd` and "
+            f"`import timm_tfkd` before `timm.create_model`, which otherwise fails with "
+            f"\"Unknown model ({meta['model']})\"." if registered_here(meta['model'])
+            else 'The weights load with plain timm: no plugin code is needed.'),
     ]
 
 def _tfkd_rows(tfkd: Mapping[str, Any]) -> List[Tuple[str, Any]]:
@@ -194,13 +198,15 @@ def _card_metrics_section(meta: Dict[str, Any], final_epoch: Optional[int]) -> L
 def _card_usage_section(meta: Dict[str, Any], repo_id: Optional[str]) -> List[str]:
     repo = repo_id or 'ORG/NAME'
     image_mode = 'L' if meta['in_chans'] == 1 else 'RGB'
+    plugin = registered_here(meta['model'])
     return [
         '## Usage', '',
-        'With timm alone:', '',
+        f"With timm{' and the timm-tfkd architectures' if plugin else ' alone'}:", '',
         '```python',
         'import timm',
         'import torch',
         'from PIL import Image',
+        *([f"import timm_tfkd  # registers {meta['model']} with timm"] if plugin else []),
         '',
         f"model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()",
         'data_config = timm.data.resolve_model_data_config(model)',

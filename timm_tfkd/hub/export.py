@@ -19,6 +19,7 @@ from torch import nn
 from ..checkpoint_io import EMA_STATE_DICT_KEYS, extract_state_dict, read_checkpoint, sha256_file
 from ..errors import ExportError
 from ..methods import registered_flags
+from ..models import registered_here
 from ..run_folder import RunFolder, RunRecord, row_metrics
 from ..version import __version__
 from .card import model_card, plot_curves
@@ -136,6 +137,9 @@ def _write_weights_and_config(model: nn.Module, run: _Run, license_id: str, fold
         # The registry's tag and license describe timm's own weights, not these.
         'pretrained_cfg': {'tag': f"tfkd_{record.tfkd['mode']}", 'license': license_id},
     }
+    if registered_here(record.model):
+        # Plain timm fails with "Unknown model": say in the file it reads what registers the architecture.
+        model_config['requires'] = f'pip install timm-tfkd; import timm_tfkd (registers {record.model} with timm)'
     if len(record.class_names) == record.num_classes:
         model_config['label_names'] = list(record.class_names)
     elif record.class_names:
@@ -275,7 +279,10 @@ def export_run(
     try:
         _write_export(run, selection, staging, repo_id)
         _check_no_local_strings(staging, _local_strings(run_dir, out_dir, staging))
-        staging.chmod(0o755)  # mkdtemp makes it private to the user; an export is meant to be shared
+        # mkdtemp (and safetensors) make files private to the user; an export is meant to be shared.
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -5,15 +5,15 @@ The virtual teacher puts probability ``a`` (``--tfkd-correct-prob``) on the true
 """
 from timm.utils import unwrap_model
 
-from ..losses import VirtualTeacherLoss, check_correct_prob
+from ..losses import DEFAULT_CORRECT_PROB, VirtualTeacherLoss, check_correct_prob
 from ..tasks import TfKDRegTask
 from .base import Flag, Method
 from .shared_flags import ALPHA, FORMULA, MULTIPLIER, TEMPERATURE
 
 CORRECT_PROB = Flag(
     '--tfkd-correct-prob', dict(
-        type=float, default=0.99, metavar='A',
-        help='reg: probability the virtual teacher puts on the true class, in (1/K, 1]. Default: 0.99.'),
+        type=float, default=DEFAULT_CORRECT_PROB, metavar='A',
+        help=f'reg: probability the virtual teacher puts on the true class, in (1/K, 1]. Default: {DEFAULT_CORRECT_PROB}.'),
     check=check_correct_prob, public_key='a', label='a (virtual teacher probability of the true class)')
 
 

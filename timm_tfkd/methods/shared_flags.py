@@ -1,17 +1,17 @@
 """Flags that several methods read (each lists the ones it uses; the registry declares each flag once)."""
-from ..losses import FORMULAS, check_positive, check_unit_interval
+from ..losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FORMULAS, check_positive, check_unit_interval
 from .base import Flag
 
 ALPHA = Flag(
     '--tfkd-alpha', dict(
-        type=float, default=0.1, metavar='ALPHA',
-        help='Weight of the distillation term: (1 - alpha) * CE + alpha * KD, in [0, 1]. Default: 0.1.'),
+        type=float, default=DEFAULT_ALPHA, metavar='ALPHA',
+        help=f'Weight of the distillation term: (1 - alpha) * CE + alpha * KD, in [0, 1]. Default: {DEFAULT_ALPHA}.'),
     check=check_unit_interval, label='alpha (distillation weight)')
 
 TEMPERATURE = Flag(
     '--tfkd-temperature', dict(
-        type=float, default=20.0, metavar='TAU',
-        help='Softmax temperature of the distillation term, > 0. Default: 20.'),
+        type=float, default=DEFAULT_TEMPERATURE, metavar='TAU',
+        help=f'Softmax temperature of the distillation term, > 0. Default: {DEFAULT_TEMPERATURE:g}.'),
     check=check_positive, public_key='tau', label='tau (temperature)')
 
 FORMULA = Flag(

@@ -154,17 +154,22 @@ def create_task(
         args: argparse.Namespace,
         model: nn.Module,
         smoothing: float,
-        mixup_active: bool,
+        mixup_smoothing: Optional[float],
         data_config: Dict[str, Any],
-        num_train_samples: int,
+        num_train_samples: Optional[int],
         device: torch.device,
         model_dtype: Optional[torch.dtype],
         verbose: bool,
 ) -> TrainingTask:
-    """The task of ``--tfkd-mode`` (for plain timm training: timm's classification or ``--kd-*`` distillation)."""
+    """The task of ``--tfkd-mode`` (for plain timm training: timm's classification or ``--kd-*`` distillation).
+
+    Args:
+        smoothing: Label smoothing of the cross-entropy part (after the smoothing policy).
+        mixup_smoothing: The smoothing the run's Mixup / CutMix fold into their targets; None when both are off.
+    """
     criterion = None
     if get_method(args.tfkd_mode).uses_timm_criterion:
-        criterion = create_timm_criterion(args, smoothing, mixup_active).to(device)
+        criterion = create_timm_criterion(args, smoothing, mixup_smoothing is not None).to(device)
         if args.kd_model_name is not None:
             try:
                 return _timm_distillation_task(args, model, criterion, device, model_dtype, verbose)
@@ -175,7 +180,8 @@ def create_task(
                 raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': "
                                  f"{type(e).__name__}: {detail}") from None
     return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config,
-                            num_train_samples=num_train_samples, device=device, dtype=model_dtype, verbose=verbose)
+                            num_train_samples=num_train_samples, device=device, dtype=model_dtype, verbose=verbose,
+                            mixup_smoothing=mixup_smoothing or 0.0)
 
 
 def resolve_lr(args: argparse.Namespace, batches_per_step: float) -> None:

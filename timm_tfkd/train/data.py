@@ -11,6 +11,7 @@ from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, Sampler
 
 from ..errors import UsageError
+from ..factory import mixup_active
 
 _logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def resolve_num_classes(args: argparse.Namespace, names: List[str]) -> Optional[
 
 def mixup_settings(args: argparse.Namespace, smoothing: float) -> Optional[Dict[str, Any]]:
     """timm's Mixup / CutMix arguments, or None when both are off."""
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    if not mixup_active(args):
         return None
     return dict(
         mixup_alpha=args.mixup,

@@ -32,6 +32,7 @@ from timm.utils import distribute_bn, init_distributed_device, is_primary, rando
 from ..console import console_logging, held_logs
 from ..data_config import resolve_student_data_config
 from ..errors import HubUploadError, NonFiniteLossError, RunStopped, TfKDError, UsageError
+from ..factory import mixup_active
 from ..methods import get_method
 from ..run_folder import SUMMARY_FILE, RunFolder, RunRecord
 from ..tasks import SampleIndexed
@@ -42,8 +43,7 @@ from .build import (
 )
 from .checkpoint import create_saver, load_resume_point, restore_ema, restore_rng_state, restore_training_state
 from .config import CommandLine, parse_args
-from .data import TrainData, TrainSampler, create_train_data, install_train_sampler, load_datasets, mixup_settings, \
-    resolve_num_classes
+from .data import TrainData, TrainSampler, create_train_data, install_train_sampler, load_datasets, resolve_num_classes
 from .engine import LoopContext, train_one_epoch, validate
 from .flags import create_parser
 from .loggers import EpochLoggers, create_epoch_loggers, epoch_row
@@ -149,12 +149,11 @@ def _prepare(command_line: CommandLine) -> Run:
     data_config = resolve_student_data_config(vars(args), model, verbose=primary)
     smoothing, smoothing_note = resolve_smoothing(args, command_line.explicit)
     check_smoothing(args, smoothing)
-    mixup_active = mixup_settings(args, 0.0) is not None
+    folded = mixup_smoothing(args, smoothing) if mixup_active(args) else None
     model = place_model(args, model, device, precision.model_dtype)
-    data = create_train_data(args, datasets, data_config, mixup_smoothing(args, smoothing), device,
-                             precision.model_dtype)
+    data = create_train_data(args, datasets, data_config, folded or 0.0, device, precision.model_dtype)
     train_sampler = install_train_sampler(data.loader_train, args.seed, args.rank)
-    task = create_task(args, model, smoothing, mixup_active, data_config, data.num_train_samples, device,
+    task = create_task(args, model, smoothing, folded, data_config, data.num_train_samples, device,
                        precision.model_dtype, primary)
     if isinstance(task, SampleIndexed) and train_sampler is None:
         raise UsageError(f'--tfkd-mode {args.tfkd_mode} needs the dataset index of every training sample, which this '
