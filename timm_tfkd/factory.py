@@ -56,6 +56,9 @@ def create_tfkd_task(
 ) -> TrainingTask:
     """Build the training task for ``args.tfkd_mode`` from arguments registered by :func:`add_tfkd_args`.
 
+    With timm's ``--aug-splits`` in ``args`` the task trains on AugMix splits as the method defines it (its
+    ``aug_splits``); the criterion of mode 'none' is then timm's as given (``JsdCrossEntropy`` with ``--jsd-loss``).
+
     Args:
         args: Parsed arguments (timm's ``train.py`` flags plus the Tf-KD group).
         model: The student.
@@ -79,5 +82,6 @@ def create_tfkd_task(
     if smoothing is None:
         smoothing = getattr(args, 'smoothing', TIMM_DEFAULT_SMOOTHING)
     context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
-                          num_train_samples=num_train_samples, device=device, dtype=dtype, verbose=verbose)
+                          num_train_samples=num_train_samples, num_aug_splits=getattr(args, 'aug_splits', 0),
+                          device=device, dtype=dtype, verbose=verbose)
     return method.create_task(args, model, context)
