@@ -241,7 +241,7 @@ def test_the_oracle_tells_clean_split_kd_from_kd_on_every_view():
 RUNS = {
     'splits': ['--aug-splits', '3'],
     'splits-jsd-split-bn': ['--aug-splits', '3', '--jsd-loss', '--split-bn'],
-    'no-prefetcher': ['--aug-splits', '2', '--jsd-loss', '--split-bn', '--no-prefetcher'],
+    'no-prefetcher': ['--aug-splits', '2', '--split-bn', '--no-prefetcher'],  # the loss needs every view's label
     'split-bn-resplit': ['--split-bn', '--resplit', '--reprob', '0.5'],
     'reg': ['--tfkd-mode', 'reg', '--aug-splits', '2', '--split-bn'],
     'lsr-jsd': ['--tfkd-mode', 'lsr', '--aug-splits', '2', '--jsd-loss'],
