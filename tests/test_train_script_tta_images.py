@@ -18,9 +18,7 @@ from PIL import Image
 from timm.data import create_dataset, create_transform
 
 from conftest import write_image_folder
-from _train_helpers import (
-    build_in_trainer, call_main, load_state_dict, read_run_info, read_summary, tiny_args, train_in_process,
-)
+from _train_helpers import build_in_trainer, load_state_dict, read_run_info, read_summary, tiny_args, train_in_process
 
 IMG = 16
 ECE_BINS = 15
