@@ -75,6 +75,8 @@ def paths(tmp_path_factory) -> SimpleNamespace:
     corrupt.write_bytes(os.urandom(4096))
     bad_yaml = root / 'bad.yaml'
     bad_yaml.write_text('batch_size: eight\n')
+    script_and_compile = root / 'script-and-compile.yaml'
+    script_and_compile.write_text('torchscript: true\ntorchcompile: inductor\n')  # argparse alone refuses both
     teachers = root / 'teachers'
     teachers.mkdir()
     data = write_image_folder(root / 'data', per_class=3)  # 9 images: one batch of 8
@@ -97,6 +99,7 @@ def paths(tmp_path_factory) -> SimpleNamespace:
         missing=root / 'does-not-exist',
         corrupt=corrupt,
         bad_yaml=bad_yaml,
+        script_and_compile=script_and_compile,
         teacher_effnet=_save_teacher(teachers / 'effnet.pth.tar', 'test_efficientnet'),
         teacher_5_classes=_save_teacher(teachers / 'resnet-5-classes.pth.tar', 'test_resnet', num_classes=5),
         teacher_rgb=_save_teacher(teachers / 'resnet-rgb.pth.tar', 'test_resnet'),
@@ -204,6 +207,34 @@ CASES = {
     'resume-auto-no-experiment-other-settings': (
         lambda p, out: _without_experiment(tiny_args(p.data, p.runs, 'x', '--resume', 'auto', '--seed', '7')),
         ['--resume auto', 'test_resnet', '--seed 7 (was 42)']),
+    # AugMix splits, TorchScript and test-time augmentation that cannot work (timm asserts against most).
+    'aug-splits-one': (_args('data', '--aug-splits', '1'), ['--aug-splits', 'must be 0 or >= 2', 'got 1']),
+    'aug-splits-with-mixup': (_args('data', '--aug-splits', '2', '--mixup', '0.2'), ['--aug-splits', '--mixup']),
+    'aug-splits-with-no-aug': (_args('data', '--aug-splits', '2', '--no-aug'), ['--aug-splits', '--no-aug']),
+    'split-bn-without-splits': (_args('data', '--split-bn'), ['--split-bn', '--aug-splits', '--resplit']),
+    'split-bn-halves-of-an-odd-batch': (
+        _args('data', '--split-bn', '--resplit', batch_size=7), ['--split-bn', 'even', 'got 7']),
+    'split-bn-with-sync-bn': (
+        _args('data', '--aug-splits', '2', '--split-bn', '--sync-bn'), ['--split-bn', '--sync-bn']),
+    'jsd-loss-without-splits': (_args('data', '--jsd-loss'), ['--jsd-loss', '--aug-splits']),
+    'jsd-loss-with-bce': (_args('data', '--aug-splits', '2', '--jsd-loss', '--bce-loss'), ['--jsd-loss', '--bce-loss']),
+    'jsd-loss-with-reg': (
+        _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'reg'), ['--jsd-loss', '--tfkd-mode reg']),
+    'jsd-loss-with-self': (
+        _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'self'), ['--jsd-loss', '--tfkd-mode self']),
+    'jsd-loss-with-reference-smoothing': (
+        _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'lsr', '--tfkd-smoothing-convention',
+              'reference'), ['--jsd-loss', 'reference']),
+    'torchscript-with-torchcompile': (
+        lambda p, out: ['-c', p.script_and_compile, *tiny_args(p.data, out, 'bad')],
+        ['--torchscript', '--torchcompile']),
+    'torchscript-with-sync-bn': (_args('data', '--torchscript', '--sync-bn'), ['--torchscript', '--sync-bn']),
+    'torchscript-with-split-bn': (
+        _args('data', '--torchscript', '--aug-splits', '2', '--split-bn'), ['--torchscript', '--split-bn']),
+    'fuser-unknown': (_args('data', '--fuser', 'fast'), ['--fuser', "'fast'"]),
+    'fuser-nvfuser': (_args('data', '--fuser', 'nvfuser'), ['--fuser nvfuser', 'no nvfuser']),
+    'tta-batch-not-a-multiple': (_args('data', '--tta', '3'), ['--tta 3', 'batch size (8)', 'multiples of 3']),
+    'tta-split-not-a-multiple': (_args('data', '--tta', '2'), ['--tta 2', 'images validated (9)', 'multiples of 2']),
     'kd-model-name-unreachable': (
         _args('data', '--kd-model-name', 'resnet18'), ['--kd-model-name resnet18', 'not in the local Hub cache']),
 }

@@ -131,6 +131,10 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
+def _without_split_bn(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {key: value for key, value in state_dict.items() if '.aux_bn.' not in key}
+
+
 def extract_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """Pick the model weights out of a training checkpoint or return a bare state dict as is.
 
@@ -139,16 +143,18 @@ def extract_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dic
         use_ema: Take the EMA weights; an error when the checkpoint has none.
 
     Returns:
-        A state dict with wrapper prefixes (``module.``, ``_orig_mod.``) removed.
+        A state dict with wrapper prefixes (``module.``, ``_orig_mod.``) removed, and without the auxiliary batch
+        norms of a ``--split-bn`` run: they normalized the augmented AugMix splits in training only, the model is
+        the one of the clean split (timm's ``SplitBatchNorm2d`` evaluates with it too).
     """
     keys = EMA_STATE_DICT_KEYS if use_ema else STATE_DICT_KEYS
     for key in keys:
         if isinstance(checkpoint.get(key), dict):
-            return clean_state_dict(checkpoint[key])
+            return _without_split_bn(clean_state_dict(checkpoint[key]))
     if use_ema:
         raise CheckpointError('checkpoint has no EMA weights (state_dict_ema)')
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return clean_state_dict(checkpoint)
+        return _without_split_bn(clean_state_dict(checkpoint))
     raise CheckpointError(f"checkpoint has no model weights (looked for {', '.join(keys)})")
 
 

@@ -91,6 +91,9 @@ def create_tfkd_task(
     CutMix fold ``--smoothing`` into their targets, so ``lsr`` does not smooth them a second time, and a Tf-KD
     method whose targets are smoothed that way is told so in one log line; only rank 0 logs.
 
+    With timm's ``--aug-splits`` in ``args`` the task trains on AugMix splits as the method defines it (its
+    ``aug_splits``); the criterion of mode 'none' is then timm's as given (``JsdCrossEntropy`` with ``--jsd-loss``).
+
     Args:
         args: Parsed arguments (timm's ``train.py`` flags plus the Tf-KD group).
         model: The student.
@@ -122,5 +125,6 @@ def create_tfkd_task(
         smoothing = getattr(args, 'smoothing', TIMM_DEFAULT_SMOOTHING)
     smoothing = _account_for_mixup(args, method, smoothing, mixup_smoothing, verbose)
     context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
-                          num_train_samples=num_train_samples, device=device, dtype=dtype, verbose=verbose)
+                          num_train_samples=num_train_samples, num_aug_splits=getattr(args, 'aug_splits', 0),
+                          device=device, dtype=dtype, verbose=verbose)
     return method.create_task(args, model, context)

@@ -229,6 +229,36 @@ class _DistillFunction(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None, None
 
 
+def clean_split_size(batch: int, num_splits: int) -> int:
+    """Rows of the clean split of a batch of ``num_splits`` equal AugMix splits.
+
+    Raises:
+        ValueError: The batch does not divide into equal splits.
+    """
+    if batch % num_splits:
+        raise ValueError(f'a batch of {batch} does not divide into {num_splits} equal AugMix splits')
+    return batch // num_splits
+
+
+def clean_split_terms(kd: LossTerms, logits: torch.Tensor, target: torch.Tensor, alpha: float) -> LossTerms:
+    """A Tf-KD loss on AugMix splits: ``(1 - alpha) * CE`` averaged over every split (as timm's criterion sees the
+    whole batch) ``+ alpha * KD`` averaged over the clean split, whose views alone the KD term compares.
+
+    With alpha = 0 this is timm's cross-entropy over the whole batch; the KD term keeps its weight relative to the
+    cross-entropy whatever the number of splits.
+
+    Args:
+        kd: The terms of the clean split computed with alpha = 1 (``loss`` is then the differentiable KD term).
+        logits: Student logits of the whole batch (N x B, K).
+        target: Its class indices or soft targets.
+        alpha: Weight of the KD term.
+    """
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    cross_entropy = F.cross_entropy(z, target if target.ndim == 1 else target.to(z.dtype))
+    loss = (1.0 - alpha) * cross_entropy + alpha * kd.loss
+    return LossTerms(loss.to(logits.dtype), cross_entropy.detach(), kd.kd)
+
+
 class VirtualTeacherLoss(nn.Module):
     """Tf-KD-reg: (1 - alpha) * CE + alpha * KL(virtual teacher || student).
 
@@ -288,16 +318,30 @@ class VirtualTeacherLoss(nn.Module):
         teacher_logits = probs if self.formula == 'official' else probs.log()
         return F.softmax(teacher_logits / self.temperature, dim=-1)
 
-    def terms(self, logits: torch.Tensor, target: torch.Tensor) -> LossTerms:
-        """The loss with its CE and scaled KL parts."""
+    def terms(self, logits: torch.Tensor, target: torch.Tensor, num_splits: int = 1) -> LossTerms:
+        """The loss with its CE and scaled KL parts.
+
+        Args:
+            logits: Student logits (B, K).
+            target: Class indices (B,) or soft targets (B, K).
+            num_splits: AugMix splits of the batch, the clean views first: the KL term is then taken over the clean
+                split only and the CE over every split (see :func:`clean_split_terms`).
+        """
         soft = check_target(logits, target)
+        if num_splits > 1:
+            clean = clean_split_size(logits.shape[0], num_splits)
+            kd = self._terms(logits[:clean], target[:clean], soft, alpha=1.0)
+            return clean_split_terms(kd, logits, target, self.alpha)
+        return self._terms(logits, target, soft, self.alpha)
+
+    def _terms(self, logits: torch.Tensor, target: torch.Tensor, soft: bool, alpha: float) -> LossTerms:
         num_classes = logits.shape[-1]
         teacher = self._dense_teacher(target) if soft else self.softened_teacher(num_classes)
         if self.formula == 'official':
             kd_scale, student_temperature = self.multiplier / num_classes, 1.0
         else:
             kd_scale, student_temperature = self.multiplier * self.temperature ** 2, self.temperature
-        return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, student_temperature))
+        return LossTerms(*_DistillFunction.apply(logits, target, teacher, alpha, kd_scale, student_temperature))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The reg loss, a scalar averaged over the batch.
@@ -335,18 +379,33 @@ class SelfDistillLoss(nn.Module):
         return (f'alpha={self.alpha}, temperature={self.temperature}, formula={self.formula}, '
                 f'multiplier={self.multiplier}')
 
-    def terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> LossTerms:
-        """The loss with its CE and scaled KL parts."""
+    def terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+              num_splits: int = 1) -> LossTerms:
+        """The loss with its CE and scaled KL parts.
+
+        Args:
+            logits: Student logits (B, K).
+            teacher_logits: The teacher's logits of the same images, or with ``num_splits`` of the clean split only.
+            target: Class indices (B,) or soft targets (B, K).
+            num_splits: AugMix splits of the batch, the clean views first: the KL term is then taken over the clean
+                split only and the CE over every split (see :func:`clean_split_terms`).
+        """
         check_target(logits, target)
-        if teacher_logits.shape != logits.shape:
+        clean = clean_split_size(logits.shape[0], num_splits) if num_splits > 1 else logits.shape[0]
+        if teacher_logits.shape != logits[:clean].shape:
+            which = ' of the clean split' if num_splits > 1 else ''
             raise ValueError(
-                f'teacher_logits must have the student logits shape {tuple(logits.shape)}, '
+                f'teacher_logits must have the student logits shape{which} {tuple(logits[:clean].shape)}, '
                 f'got {tuple(teacher_logits.shape)}')
         teacher = F.softmax(teacher_logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
                             / self.temperature, dim=-1)
         kd_scale = self.multiplier * self.temperature ** 2
         if self.formula == 'official':
             kd_scale /= logits.shape[-1]
+        if num_splits > 1:
+            kd = LossTerms(*_DistillFunction.apply(logits[:clean], target[:clean], teacher, 1.0, kd_scale,
+                                                   self.temperature))
+            return clean_split_terms(kd, logits, target, self.alpha)
         return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, self.temperature))
 
     def forward(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

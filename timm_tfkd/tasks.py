@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.task import ClassificationTask, TrainingTask
 from timm.utils import unwrap_model
 
-from .losses import SelfDistillLoss, VirtualTeacherLoss
+from .losses import SelfDistillLoss, VirtualTeacherLoss, clean_split_size
 from .teacher import SelfTeacher
 
 _logger = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class TfKDRegTask(ClassificationTask):
         device: Device for task tensors.
         dtype: Dtype for task tensors.
         verbose: Log the set-up.
+        num_splits: AugMix splits of each batch (timm's ``--aug-splits``, clean views first): the KL term is taken
+            over the clean split, the CE over every split. 0 or 1: none.
     """
 
     def __init__(
@@ -65,15 +67,17 @@ class TfKDRegTask(ClassificationTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            num_splits: int = 0,
     ):
         if not isinstance(criterion, VirtualTeacherLoss):
             raise TypeError(f'TfKDRegTask needs a VirtualTeacherLoss, got {type(criterion).__name__}')
         super().__init__(model, criterion, device=device, dtype=dtype, verbose=verbose)
+        self.num_splits = num_splits
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Student forward and the reg loss: ``loss``, ``output``, ``task_loss`` (CE) and ``kd_loss`` (scaled KL)."""
         output = self.trainable_module(input)
-        return _result(output, self.criterion.terms(output, target))
+        return _result(output, self.criterion.terms(output, target, num_splits=self.num_splits))
 
 
 def _without_teacher(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -101,6 +105,8 @@ class TfKDSelfTask(TrainingTask):
         device: Device for task tensors.
         dtype: Dtype for task tensors.
         verbose: Log the set-up.
+        num_splits: AugMix splits of each batch (timm's ``--aug-splits``, clean views first): the teacher sees the
+            clean split only and the KL term is taken over it, the CE over every split. 0 or 1: none.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class TfKDSelfTask(TrainingTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            num_splits: int = 0,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(teacher, SelfTeacher):
@@ -118,6 +125,7 @@ class TfKDSelfTask(TrainingTask):
         self.trainable_module = model
         self.teacher = teacher.to(self.device)
         self.criterion = criterion
+        self.num_splits = num_splits
         student_classes = unwrap_model(model).num_classes
         if teacher.num_classes != student_classes:
             raise ValueError(f'teacher has {teacher.num_classes} classes, the student {student_classes}')
@@ -146,5 +154,8 @@ class TfKDSelfTask(TrainingTask):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Student and teacher forward: ``loss``, ``output``, ``task_loss`` (CE) and ``kd_loss`` (scaled KL)."""
         output = self.trainable_module(input)
-        teacher_logits = self.teacher(input)
-        return _result(output, self.criterion.terms(output, teacher_logits, target))
+        if self.num_splits > 1:
+            teacher_logits = self.teacher(input[:clean_split_size(input.shape[0], self.num_splits)])
+        else:
+            teacher_logits = self.teacher(input)
+        return _result(output, self.criterion.terms(output, teacher_logits, target, num_splits=self.num_splits))

@@ -5,14 +5,18 @@ registration line below, and its tests (``docs/architecture.md``, "How to add a 
 """
 from typing import Dict, List, Tuple
 
-from .base import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, Flag, Method, TaskContext
+from .base import (
+    AUG_SPLITS_ALL, AUG_SPLITS_CLEAN_KD, SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, Flag, Method,
+    TaskContext,
+)
 from .lsr import LabelSmoothing
 from .none import PlainTimm
 from .reg import VirtualTeacher
 from .self_kd import KnowledgeDistillation, SelfDistillation
 
 __all__ = [
-    'Flag', 'Method', 'TaskContext', 'SMOOTHING_EPSILON', 'SMOOTHING_EXPLICIT', 'SMOOTHING_TIMM', 'DEFAULT_METHOD',
+    'Flag', 'Method', 'TaskContext', 'SMOOTHING_EPSILON', 'SMOOTHING_EXPLICIT', 'SMOOTHING_TIMM', 'AUG_SPLITS_ALL',
+    'AUG_SPLITS_CLEAN_KD', 'DEFAULT_METHOD',
     'register_method', 'get_method', 'method_names', 'registered_methods', 'registered_flags',
 ]
 

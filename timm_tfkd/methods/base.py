@@ -20,6 +20,11 @@ SMOOTHING_TIMM = 'timm'  # as timm does: on the criterion, and folded into Mixup
 SMOOTHING_EPSILON = 'epsilon'  # it is the method's own epsilon (label smoothing itself)
 SMOOTHING_EXPLICIT = 'explicit'  # the method regularizes already: 0 unless given explicitly, then only via Mixup
 
+# How a method trains on timm's AugMix splits (--aug-splits N: each batch holds N views of B images, the B clean
+# views first, the targets repeated N times):
+AUG_SPLITS_ALL = 'all'  # its loss over all N x B views, as timm's criterion
+AUG_SPLITS_CLEAN_KD = 'clean-kd'  # its cross-entropy part over all N x B views, its KD term over the B clean ones
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -79,6 +84,7 @@ class TaskContext:
         data_config: The student's resolved data config, channels fitted (the teacher's normalization needs it).
         teacher: A ready teacher for methods with ``needs_teacher`` (built from the flags when None).
         num_train_samples: Size of the training set, for methods that keep per-sample state (None: unknown).
+        num_aug_splits: AugMix splits of each batch (``--aug-splits``; 0: none).
         device: Device of the task (and teacher).
         dtype: Dtype of task tensors.
         verbose: Log the set-up.
@@ -88,6 +94,7 @@ class TaskContext:
     data_config: Optional[Dict[str, Any]] = None
     teacher: Optional[SelfTeacher] = None
     num_train_samples: Optional[int] = None
+    num_aug_splits: int = 0
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
     verbose: bool = True
@@ -106,6 +113,10 @@ class Method:
             ``--loss`` and timm's ``--kd-*`` distillation apply); every other method brings its own loss.
         smoothing: How timm's ``--smoothing`` is treated: :data:`SMOOTHING_TIMM`, :data:`SMOOTHING_EPSILON` or
             :data:`SMOOTHING_EXPLICIT`.
+        aug_splits: How it trains on AugMix splits: :data:`AUG_SPLITS_ALL` or :data:`AUG_SPLITS_CLEAN_KD`.
+        jsd_loss: ``--jsd-loss`` (timm's ``JsdCrossEntropy``, cross-entropy on the clean split plus the
+            Jensen-Shannon consistency of the splits) can be its loss; refused otherwise, since it would replace the
+            method's loss rather than add to it.
     """
     name: str = ''
     description: str = ''
@@ -113,6 +124,8 @@ class Method:
     needs_teacher: bool = False
     uses_timm_criterion: bool = False
     smoothing: str = SMOOTHING_EXPLICIT
+    aug_splits: str = AUG_SPLITS_CLEAN_KD
+    jsd_loss: bool = False
 
     def check(self, args: argparse.Namespace, num_classes: Optional[int] = None) -> None:
         """Refuse settings that cannot work, before anything is built.
@@ -126,6 +139,9 @@ class Method:
         """
         for flag in self.flags:
             flag.validate(getattr(args, flag.dest))
+        if getattr(args, 'jsd_loss', False) and not self.jsd_loss:
+            raise ValueError(f"--jsd-loss (timm's cross-entropy + Jensen-Shannon loss) would replace the loss of "
+                             f"--tfkd-mode {self.name}, not add to it; use it with --tfkd-mode none or lsr")
 
     def create_loss(self, args: argparse.Namespace, smoothing: float) -> Optional[nn.Module]:
         """The method's criterion from parsed arguments (None when it uses the criterion timm built).

@@ -18,7 +18,8 @@ CORRECT_PROB = Flag(
 
 
 class VirtualTeacher(Method):
-    """:class:`~timm_tfkd.tasks.TfKDRegTask` with :class:`~timm_tfkd.losses.VirtualTeacherLoss`."""
+    """:class:`~timm_tfkd.tasks.TfKDRegTask` with :class:`~timm_tfkd.losses.VirtualTeacherLoss`; on AugMix splits the
+    KL term is taken over the clean split, the cross-entropy over all of them."""
     name = 'reg'
     description = 'Tf-KD-reg, distillation from a manually designed virtual teacher'
     flags = (FORMULA, ALPHA, TEMPERATURE, MULTIPLIER, CORRECT_PROB)
@@ -34,4 +35,5 @@ class VirtualTeacher(Method):
     def create_task(self, args, model, context):
         loss = self.create_loss(args, context.smoothing)
         loss.softened_teacher(unwrap_model(model).num_classes)  # checks correct_prob > 1/K before training starts
-        return TfKDRegTask(model, loss, device=context.device, dtype=context.dtype, verbose=context.verbose)
+        return TfKDRegTask(model, loss, device=context.device, dtype=context.dtype, verbose=context.verbose,
+                           num_splits=context.num_aug_splits)

@@ -12,7 +12,8 @@ from .teacher_source import TEACHER_FLAGS, create_teacher_from_args
 
 class TeacherDistillation(Method):
     """:class:`~timm_tfkd.tasks.TfKDSelfTask` with :class:`~timm_tfkd.losses.SelfDistillLoss` and the teacher of the
-    ``--tfkd-teacher-*`` flags."""
+    ``--tfkd-teacher-*`` flags; on AugMix splits the teacher sees the clean split only, whose KL term it gives, and
+    the cross-entropy is taken over all splits."""
     flags = (FORMULA, ALPHA, TEMPERATURE, MULTIPLIER) + TEACHER_FLAGS
     needs_teacher = True
     # The teacher architecture when neither --tfkd-teacher-model nor the checkpoint names it.
@@ -33,7 +34,7 @@ class TeacherDistillation(Method):
             teacher = create_teacher_from_args(args, model, context.data_config, device=context.device,
                                                default_model=default_model)
         return TfKDSelfTask(model, teacher, self.create_loss(args, context.smoothing), device=context.device,
-                            dtype=context.dtype, verbose=context.verbose)
+                            dtype=context.dtype, verbose=context.verbose, num_splits=context.num_aug_splits)
 
     def describe(self, args):
         teacher = args.tfkd_teacher_model or (getattr(args, 'model', None) if self.teacher_is_student_architecture

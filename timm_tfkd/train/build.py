@@ -8,8 +8,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import convert_sync_batchnorm, set_fast_norm
-from timm.loss import create_classification_loss
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
+from timm.loss import JsdCrossEntropy, create_classification_loss
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.task import TrainingTask
@@ -87,6 +87,7 @@ def create_student(args: argparse.Namespace) -> nn.Module:
             pretrained=args.pretrained,
             checkpoint_path=args.initial_checkpoint,
             **({'pretrained_cfg_overlay': overlay} if overlay else {}),
+            **({'scriptable': True} if args.torchscript else {}),
             **architecture_kwargs(vars(args), args.num_classes, in_chans),
         )
     except RuntimeError as e:
@@ -108,18 +109,27 @@ def create_student(args: argparse.Namespace) -> nn.Module:
 
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,
                 model_dtype: Optional[torch.dtype]) -> nn.Module:
-    """Move to the device and dtype, channels_last and SyncBatchNorm as asked."""
+    """Split batch norms, the device and dtype, channels_last, SyncBatchNorm and TorchScript as asked, in timm's
+    order."""
+    if args.split_bn:
+        # One batch norm per AugMix split (the clean split keeps the model's own); --resplit alone splits in two.
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         args.dist_bn = ''  # synchronized BN needs no epoch-end reduction
         model = convert_sync_batchnorm(model)
+    if args.torchscript:
+        model = torch.jit.script(model)
     return model
 
 
 def create_timm_criterion(args: argparse.Namespace, smoothing: float, mixup_active: bool) -> nn.Module:
-    """The criterion timm's ``train.py`` would use (Tf-KD off), through timm's loss factory."""
+    """The criterion timm's ``train.py`` would use (Tf-KD off), through timm's loss factory; with ``--jsd-loss``
+    timm's Jensen-Shannon loss over the AugMix splits, smoothed as timm smooths it."""
+    if args.jsd_loss:
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=smoothing)
     loss_type = args.loss or ('bce' if args.bce_loss else None)
     pos_weight = args.loss_pos_weight or args.bce_pos_weight
     return create_classification_loss(

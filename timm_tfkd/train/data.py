@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
 from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, Sampler
 
 from ..errors import UsageError
@@ -188,9 +188,14 @@ def create_train_data(
         model_dtype: The model's dtype, for the images.
 
     Raises:
-        UsageError: The training split holds fewer images than one batch.
+        UsageError: The training split holds fewer images than one batch, or the validation split does not divide
+            into the groups of ``--tta``.
     """
     dataset_train, dataset_eval = datasets.train, datasets.eval
+    if args.aug_splits > 1:
+        # Each sample becomes its clean view and aug_splits - 1 augmented ones; the loader lays them out as
+        # aug_splits consecutive blocks of the batch, clean first.
+        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
 
     mixup_args = mixup_settings(args, mixup_smoothing)
     collate_fn = mixup_fn = None
@@ -233,6 +238,7 @@ def create_train_data(
         gaussian_blur_prob=args.gaussian_blur_prob,
         auto_augment=args.aa,
         num_aug_repeats=args.aug_repeats,
+        num_aug_splits=args.aug_splits,
         interpolation=train_interpolation,
         num_workers=args.workers,
         worker_seeding=args.worker_seeding,
@@ -250,7 +256,26 @@ def create_train_data(
         loader_eval = create_eval_loader(
             dataset_eval, data_config, args.validation_batch_size or args.batch_size, args.workers, device,
             model_dtype, args.prefetcher, distributed=args.distributed, pin_memory=args.pin_mem)
+        if args.tta > 1:
+            check_tta_groups(args.tta, loader_eval, args.validation_batch_size or args.batch_size)
     return TrainData(loader_train, loader_eval, mixup_fn, datasets.class_names, len(dataset_train))
+
+
+def check_tta_groups(tta: int, loader: Any, batch_size: int) -> None:
+    """``--tta N`` averages the predictions of each N consecutive validation images (as timm's ``train.py``): every
+    group must lie within one batch and one process's share of the split.
+
+    Raises:
+        UsageError: The batch size or the images each process validates are not a multiple of N.
+    """
+    try:
+        share = len(loader.sampler)
+    except TypeError:  # an iterable dataset's sampler has no length: only the batch size can be checked
+        share = 0
+    if batch_size % tta or share % tta:
+        per_process = ' per process' if share != len(loader.dataset) else ''
+        raise UsageError(f'--tta {tta} averages each {tta} consecutive validation images: the validation batch size '
+                         f'({batch_size}) and the images validated{per_process} ({share}) must be multiples of {tta}')
 
 
 def create_eval_loader(

@@ -5,12 +5,14 @@ import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from timm.task import TrainingTask, evaluation_sample_limit
 from timm.utils import dispatch_clip_grad
+from torchvision.utils import save_image
 
 from ..errors import NonFiniteLossError
 from ..tasks import EpochHooks, SampleIndexed
@@ -46,6 +48,7 @@ class LoopContext:
     save_recovery: Optional[Callable[[int, int, EpochProgress], None]] = None
     num_epochs: int = 0
     train_sampler: Optional[TrainSampler] = None
+    image_folder: Optional[Path] = None  # --save-images: where the logged training batches are written
 
 
 class _Average:
@@ -90,6 +93,11 @@ def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def _prepare_batch(ctx: LoopContext, input: torch.Tensor, target: torch.Tensor):
     args = ctx.args
+    if isinstance(input, (list, tuple)):
+        # AugMix splits without the prefetcher arrive as one tensor per split: lay them out as timm's fast collate
+        # does with the prefetcher, split after split (clean first), the targets repeated for each.
+        target = target.repeat(len(input))
+        input = torch.cat(input)
     if not args.prefetcher:
         input, target = input.to(device=ctx.device, dtype=ctx.model_dtype), target.to(device=ctx.device)
         if ctx.mixup_fn is not None:
@@ -162,9 +170,9 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
         data_time.update(time.perf_counter() - data_start)
         steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
         need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
-        if indexed:
-            task.set_sample_index(ctx.train_sampler.take(input.shape[0]))
         input, target = _prepare_batch(ctx, input, target)
+        if indexed:  # an AugMix batch holds aug_splits views of each sample
+            task.set_sample_index(ctx.train_sampler.take(input.shape[0] // max(args.aug_splits, 1)))
         with task.no_sync() if has_no_sync and not need_update else nullcontext():
             with ctx.amp_autocast():
                 result = task(input, target)
@@ -180,6 +188,9 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
         loss_sum += loss_value * batch_size
         part_sums += torch.stack([result.get('task_loss', loss).detach(), result.get('kd_loss', no_part).detach()
                                   ]).double() * batch_size
+        if ctx.image_folder is not None and (batch_idx % args.log_interval == 0 or batch_idx + 1 == num_batches):
+            # As timm: the batch of each logged step, as the model sees it, stretched to the image range.
+            save_image(input.float(), ctx.image_folder / f'train-batch-{batch_idx}.jpg', padding=0, normalize=True)
         if need_update:
             num_updates += 1
             ctx.optimizer.zero_grad()
@@ -220,17 +231,25 @@ def measure(
         amp_autocast: Callable[[], AbstractContextManager],
         model_dtype: Optional[torch.dtype] = None,
         after_batch: Optional[Callable[[int, int, ClassificationMetrics], None]] = None,
+        tta: int = 0,
 ) -> ClassificationMetrics:
     """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums.
 
     The duplicates a distributed sampler pads the ranks with still run through the model (collectives stay
     balanced) but are not counted, so the reduced metrics are those of the dataset itself.
 
+    With ``tta`` N > 1 (timm's ``--tta``), each N consecutive images are N augmented copies of one: their logits
+    are averaged into one prediction, scored against the first copy's target, and every metric is that of the
+    averaged predictions (batches and each rank's share hold whole groups, see ``check_tta_groups``).
+
     Args:
         after_batch: Called with (batch index, number of batches, the sums so far) after each batch.
     """
     model.eval()
-    metrics = ClassificationMetrics(device, max_samples=evaluation_sample_limit(loader))
+    max_samples = evaluation_sample_limit(loader)
+    if tta > 1 and max_samples is not None:
+        max_samples //= tta
+    metrics = ClassificationMetrics(device, max_samples=max_samples)
     num_batches = len(loader)
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
@@ -242,7 +261,11 @@ def measure(
                 output = model(input)
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            metrics.update(output.float(), target)
+            output = output.float()
+            if tta > 1:
+                output = output.reshape(-1, tta, output.shape[-1]).mean(dim=1)
+                target = target[::tta]
+            metrics.update(output, target)
             if after_batch is not None:
                 after_batch(batch_idx, num_batches, metrics)
     return metrics
@@ -271,7 +294,7 @@ def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Tes
                          f"Acc@1: {running['top1']:>7.3f}  Acc@5: {running['top5']:>7.3f}")
 
     metrics = measure(model, loader, ctx.device, args.prefetcher, args.channels_last, ctx.amp_autocast,
-                      ctx.model_dtype, after_batch=log_batch)
+                      ctx.model_dtype, after_batch=log_batch, tta=args.tta)
     metrics.reduce()
     result = metrics.compute()
     if not math.isfinite(result['nll']):

@@ -235,7 +235,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help='Run the student in channels_last memory format.')
     group.add_argument(
         '--fuser', default='', type=str, metavar='NAME',
-        help='TorchScript fuser (not supported by this trainer).')
+        help="TorchScript fuser: 'te' or 'old' / 'legacy' (timm's set_jit_fuser).")
     group.add_argument(
         '--grad-accum-steps', default=1, type=int, metavar='N',
         help='Batches whose gradients are summed before each optimizer step.')
@@ -261,7 +261,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     scripting = group.add_mutually_exclusive_group()
     scripting.add_argument(
         '--torchscript', action='store_true', default=False,
-        help='Script the model with TorchScript (not supported by this trainer).')
+        help='Script the student with TorchScript (torch.jit.script).')
     scripting.add_argument(
         '--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
         help="torch.compile the student with this backend ('inductor' when given without one).")
@@ -460,10 +460,10 @@ def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
         help='Repeated augmentation count (distributed training only).')
     group.add_argument(
         '--aug-splits', default=0, type=int, metavar='N',
-        help='AugMix split count (not supported by this trainer).')
+        help='AugMix splits: each image as its clean view and N - 1 augmented ones, N = 0 (off) or >= 2.')
     group.add_argument(
         '--jsd-loss', action='store_true', default=False,
-        help='Jensen-Shannon consistency loss over AugMix splits (not supported by this trainer).')
+        help="timm's Jensen-Shannon + cross-entropy loss over the AugMix splits (--tfkd-mode none, lsr).")
     group.add_argument(
         '--bce-loss', action='store_true', default=False,
         help='Use binary cross-entropy instead of cross-entropy.')
@@ -571,7 +571,7 @@ def _add_batch_norm_args(parser: argparse.ArgumentParser) -> None:
         help="How batch norm buffers are shared after each epoch: 'broadcast', 'reduce' or ''.")
     group.add_argument(
         '--split-bn', action='store_true', default=False,
-        help='Separate batch norm per AugMix split (not supported by this trainer).')
+        help='A separate batch norm per AugMix split (two halves with --resplit alone).')
 
 
 def _add_ema_args(parser: argparse.ArgumentParser) -> None:
@@ -618,7 +618,7 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Data loader processes.')
     group.add_argument(
         '--save-images', action='store_true', default=False,
-        help='Write the first training batch as images (not supported by this trainer).')
+        help='Write the training batch of each logged step as an image into the run folder.')
     group.add_argument(
         '--pin-mem', action='store_true', default=False,
         help='Pin host memory in the data loader.')
@@ -639,7 +639,7 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Decision threshold of the multi-label F1 metrics.')
     group.add_argument(
         '--tta', default=0, type=int, metavar='N',
-        help='Test-time augmentation factor (not supported by this trainer).')
+        help='Average the predictions of each N consecutive validation images (N augmented copies of one).')
     group.add_argument(
         '--use-multi-epochs-loader', action='store_true', default=False,
         help='Keep loader workers alive across epochs.')

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from timm import __version__ as timm_version
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import TrainingTask
-from timm.utils import distribute_bn, init_distributed_device, is_primary, random_seed, update_summary
+from timm.utils import distribute_bn, init_distributed_device, is_primary, random_seed, set_jit_fuser, update_summary
 
 from ..console import console_logging, held_logs
 from ..data_config import resolve_student_data_config
@@ -47,7 +47,7 @@ from .data import TrainData, TrainSampler, create_train_data, install_train_samp
 from .engine import LoopContext, train_one_epoch, validate
 from .flags import create_parser
 from .loggers import EpochLoggers, create_epoch_loggers, epoch_row
-from .policy import check_config, check_smoothing, mixup_smoothing, resolve_smoothing
+from .policy import aug_splits_note, check_config, check_smoothing, mixup_smoothing, resolve_smoothing
 from .publish import publish_run
 from .resume import RunPlan, plan_run
 
@@ -113,6 +113,8 @@ def _set_up(command_line: CommandLine) -> Tuple[argparse.Namespace, List[str]]:
     elif args.distributed:
         _logger.info(f'Distributed training: {args.world_size} processes, one device each ({args.device} here).')
     random_seed(args.seed, args.rank)
+    if args.fuser:
+        set_jit_fuser(args.fuser)
     return args, warnings
 
 
@@ -161,6 +163,8 @@ def _prepare(command_line: CommandLine) -> Run:
     if primary:
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters. '
                      f'{smoothing_note}.')
+        if args.aug_splits > 1:
+            _logger.info(aug_splits_note(args))
     resolve_lr(args, args.batch_size)
     optimizer = create_optimizer(args, task)
     eval_metric = args.eval_metric if data.loader_eval is not None else 'loss'
@@ -352,7 +356,7 @@ def _train_epochs(run: Run, folder: Optional[RunFolder], loggers: EpochLoggers) 
         loss_scaler=run.precision.loss_scaler, lr_scheduler=run.lr_scheduler, mixup_fn=run.data.mixup_fn,
         model_dtype=run.precision.model_dtype, is_primary=run.primary,
         save_recovery=_recovery_saver(saver, folder) if saver is not None else None, num_epochs=run.num_epochs,
-        train_sampler=run.train_sampler,
+        train_sampler=run.train_sampler, image_folder=folder.path if folder is not None and args.save_images else None,
     )
     results = Results()
     final, final_ema = None, None

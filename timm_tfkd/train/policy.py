@@ -8,7 +8,9 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import UsageError
 from ..hub import is_export
-from ..methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get_method, registered_flags
+from ..methods import (
+    AUG_SPLITS_ALL, SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get_method, registered_flags,
+)
 from .build import student_in_chans
 from .data import mixup_settings
 from .flags import create_parser
@@ -21,13 +23,6 @@ UNSUPPORTED_FLAGS = {
     'train_img_sizes': 'variable-resolution training',
     'train_batch_sizes': 'variable-resolution training',
     'train_size_probs': 'variable-resolution training',
-    'aug_splits': 'AugMix splits',
-    'split_bn': 'AugMix splits',
-    'jsd_loss': 'AugMix splits',
-    'torchscript': 'TorchScript',
-    'fuser': 'TorchScript',
-    'tta': 'test-time augmentation in validation',
-    'save_images': 'saving input images',
     'class_stats': 'class statistics for loss weighting',
     'loss_weight_power': 'class statistics for loss weighting',
     'task': 'multi-label training',
@@ -53,6 +48,10 @@ def _within(low: float, high: float, include_high: bool = True) -> Rule:
             return None
         return f"must be in [{low:g}, {high:g}{']' if include_high else ')'}"
     return rule
+
+
+def _zero_or_at_least(low: float) -> Rule:
+    return lambda value: None if value == 0 or value >= low else f'must be 0 or >= {low:g}'
 
 
 def _optional(rule: Rule) -> Rule:
@@ -107,10 +106,13 @@ VALUE_RULES: Dict[str, Rule] = {
     'drop_connect': _optional(DROP_RATE), 'drop_path': _optional(DROP_RATE), 'drop_block': _optional(DROP_RATE),
     'bn_momentum': _optional(_within(0.0, 1.0)), 'bn_eps': _optional(POSITIVE), 'model_ema_decay': PROBABILITY,
     'kd_temperature': POSITIVE, 'distill_loss_weight': _optional(NON_NEGATIVE),
-    'task_loss_weight': _optional(NON_NEGATIVE), 'tta': NON_NEGATIVE,
+    'task_loss_weight': _optional(NON_NEGATIVE), 'tta': NON_NEGATIVE, 'aug_splits': _zero_or_at_least(2),
     'multilabel_threshold': _within(0.0, 1.0, include_high=False),
 }
 DEFAULT_OUTPUT = './output/train'  # timm's train.py default for --output
+# The TorchScript fusers of timm's set_jit_fuser that torch still has ('' leaves torch's default); its 'nvfuser' /
+# 'nvf' switch a fuser torch 2 removed from TorchScript (torch warns that it is a no-op).
+JIT_FUSERS = ('te', 'old', 'legacy')
 # Metrics the trainer's validation reports, by which --eval-metric may rank checkpoints.
 EVAL_METRICS = ('top1', 'top5', 'loss', 'nll', 'ece')
 
@@ -171,6 +173,70 @@ def check_supported(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     if method.smoothing == SMOOTHING_EPSILON and not 0.0 <= args.smoothing < 1.0:
         raise UsageError(f'--tfkd-mode {method.name} needs --smoothing in [0, 1), got {args.smoothing:g}')
+
+
+def check_aug_splits(args: argparse.Namespace) -> None:
+    """Refuse AugMix split settings that timm asserts against, or that cannot work together.
+
+    The settings each method refuses (``--jsd-loss`` with a Tf-KD loss) are refused by its ``check``.
+
+    Raises:
+        UsageError: One line.
+    """
+    splits = args.aug_splits > 1
+    if args.split_bn and not (splits or args.resplit):
+        raise UsageError('--split-bn needs --aug-splits N (one batch norm per split) or --resplit (two halves)')
+    if args.split_bn and not splits and args.batch_size % 2:
+        raise UsageError(f'--split-bn with --resplit splits each batch in two halves: --batch-size must be even, '
+                         f'got {args.batch_size}')
+    if args.split_bn and args.sync_bn:
+        raise UsageError('--split-bn cannot be combined with --sync-bn (synchronized batch norms would replace the '
+                         'split ones)')
+    if args.jsd_loss and not splits:
+        raise UsageError('--jsd-loss compares the AugMix splits: it needs --aug-splits N with N >= 2')
+    if args.jsd_loss and (args.bce_loss or args.loss not in (None, 'ce')):
+        loss = '--bce-loss' if args.bce_loss else f'--loss {args.loss}'
+        raise UsageError(f"--jsd-loss is timm's cross-entropy + Jensen-Shannon loss; it cannot be combined with {loss}")
+    if not splits:
+        return
+    if mixup_settings(args, 0.0) is not None:
+        raise UsageError('--aug-splits cannot be combined with --mixup / --cutmix (they would mix views across '
+                         'splits)')
+    if args.no_aug:
+        raise UsageError('--aug-splits augments each split: it cannot be combined with --no-aug')
+
+
+def aug_splits_note(args: argparse.Namespace) -> str:
+    """The start-of-run line saying how the method trains on the AugMix splits of ``--aug-splits N``."""
+    method = get_method(args.tfkd_mode)
+    if args.jsd_loss:
+        how = "timm's JSD loss: cross-entropy on the clean split + Jensen-Shannon consistency of all splits"
+    elif method.aug_splits == AUG_SPLITS_ALL:
+        how = 'its loss over all splits'
+    else:
+        how = 'cross-entropy over all splits, the KD term over the clean split only' + (
+            ', the only one the teacher sees' if method.needs_teacher else '')
+    return f'AugMix: {args.aug_splits} splits per batch, the clean one first; --tfkd-mode {method.name}: {how}'
+
+
+def check_scripting(args: argparse.Namespace) -> None:
+    """Refuse TorchScript settings timm asserts against, and models TorchScript cannot script.
+
+    Raises:
+        UsageError: One line.
+    """
+    if args.fuser in ('nvfuser', 'nvf'):
+        raise UsageError(f"--fuser {args.fuser}: this torch's TorchScript has no nvfuser any more; use te or old")
+    if args.fuser and args.fuser not in JIT_FUSERS:
+        raise UsageError(f"--fuser must be one of {', '.join(JIT_FUSERS)}, got '{args.fuser}'")
+    if not args.torchscript:
+        return
+    if args.torchcompile:
+        raise UsageError('--torchscript and --torchcompile exclude each other; choose one')
+    if args.sync_bn:
+        raise UsageError('--torchscript cannot be combined with --sync-bn (timm refuses it too)')
+    if args.split_bn:
+        raise UsageError("--torchscript cannot script --split-bn's split batch norms; drop one of them")
 
 
 def resolve_smoothing(args: argparse.Namespace, explicit: Set[str]) -> Tuple[float, str]:
@@ -260,6 +326,8 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
     """
     check_supported(args)
     check_values(args)
+    check_aug_splits(args)
+    check_scripting(args)
     check_hub_args(args)
     check_logging_args(args)
     check_writable_folder(args.output or DEFAULT_OUTPUT, '--output')
