@@ -32,7 +32,7 @@ case "${1:-}" in
     [ -f "$SOURCE/train-images-idx3-ubyte.gz" ] || SOURCE=/usr/share/datasets/fashion-mnist
     DATA=/tmp/fashion-mnist
     "$PY" -m timm_tfkd.cli fashion-mnist "$DATA" --train-size "${TRAIN_SIZE:-30000}" --val-size 5000 --source "$SOURCE"
-    STUDY=(examples/study.py --data-dir "$DATA" --out /tmp/study --model "${MODEL:-resnet18}" --epochs "${EPOCHS:-10}"
+    STUDY=(-m timm_tfkd.cli study --data-dir "$DATA" --out /tmp/study --model "${MODEL:-resnet18}" --epochs "${EPOCHS:-10}"
            --device cuda --extra="--num-classes 10 --img-size 28 --in-chans 1 --mean 0.286 --std 0.353 -b 256 --lr 0.2
            --warmup-epochs 1 --weight-decay 5e-4 --scale 0.75 1 --ratio 0.9 1.1 --color-jitter 0 --hflip 0.5 --crop-pct 1
            --amp --amp-dtype bfloat16

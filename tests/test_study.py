@@ -1,15 +1,17 @@
-"""examples/study.py end to end on a tiny image folder, and timm_tfkd.evaluate on its runs.
+"""``timm-tfkd study`` end to end on a tiny image folder, and timm_tfkd.evaluate on its runs.
 
 One real study (test_resnet, 16 px, 1 epoch, 2 seeds, modes ce / reg-paper / self / de-kd: 8 trainer
 subprocesses) is shared by the tests of this module; its tables are checked against mean and sample standard
 deviation computed here from its per-run rows. Failure, hang and resume paths use fake trainer scripts.
 """
+import argparse
 import csv
 import importlib.util
 import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,11 @@ import pytest
 import timm
 import torch
 
+import timm_tfkd.study.runs
 from conftest import write_image_folder
+from timm_tfkd import study
+from timm_tfkd.cli import main as cli_main
+from timm_tfkd.errors import StudyError
 from timm_tfkd.evaluate import EvaluationError, evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +36,9 @@ TABLE_METRICS = {'test top-1 (%)': 'test_top1', 'test NLL': 'test_nll', 'test EC
                  'val top-1 (%)': 'val_top1', 'wall time / run (s)': 'wall_seconds'}
 
 
-def _load_study_module():
-    spec = importlib.util.spec_from_file_location('tfkd_study', ROOT / 'examples' / 'study.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study_module()
+def run_study(argv) -> int:
+    """``timm-tfkd study ARGV``, in this process."""
+    return cli_main(['study', *argv])
 
 
 def _argv(data: Path, out: Path, modes=MODES, seeds=SEEDS, run_timeout=600):
@@ -61,7 +62,7 @@ def finished_study(tiny_data):
     with pytest.MonkeyPatch.context() as mp:
         # One thread per process: on a shared 2-core machine, contending threads make tiny runs many times slower.
         mp.setenv('OMP_NUM_THREADS', '1')
-        code = study.main(_argv(tiny_data, out))
+        code = run_study(_argv(tiny_data, out))
     yield out, code
     torch.set_num_threads(threads)
 
@@ -92,7 +93,7 @@ def test_study_writes_results_for_every_mode(finished_study):
         assert f'| {mode} | 2 | ' in markdown
     assert f'torch {torch.__version__}' in markdown and f'timm {timm.__version__},' in markdown
     assert 'cores' in markdown
-    assert 'examples/study.py --data-dir' in markdown
+    assert 'timm-tfkd study --data-dir' in markdown
     assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
@@ -151,7 +152,7 @@ def test_rerun_skips_finished_runs(finished_study, tiny_data, capsys):
     checkpoints = sorted((out / 'runs').glob('*/last.pth.tar'))
     before = {path: path.stat().st_mtime_ns for path in checkpoints}
     attempts = {path: path.read_text() for path in (out / 'logs').glob('*.attempts.json')}
-    assert study.main(_argv(tiny_data, out)) == 0
+    assert run_study(_argv(tiny_data, out)) == 0
     assert {path: path.stat().st_mtime_ns for path in checkpoints} == before
     assert {path: path.read_text() for path in (out / 'logs').glob('*.attempts.json')} == attempts
     assert capsys.readouterr().out.count('finished earlier, skipped') == len(MODES) * len(SEEDS)
@@ -200,7 +201,7 @@ def fake_trainer(tmp_path, monkeypatch) -> Path:
                       f'open({str(calls)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n'
                       'print("simulated crash", file=sys.stderr)\n'
                       'sys.exit(3)\n')
-    monkeypatch.setattr(study, 'TRAIN_SCRIPT', script)
+    monkeypatch.setattr(timm_tfkd.study.runs, 'TRAINER_COMMAND', (sys.executable, str(script)))
     return calls
 
 
@@ -213,14 +214,14 @@ def hanging_trainer(tmp_path, monkeypatch) -> Path:
                       f'open({str(pid_file)!r}, "w").write(str(os.getpid()))\n'
                       'print("simulated start, then a hang", flush=True)\n'
                       'time.sleep(3600)\n')
-    monkeypatch.setattr(study, 'TRAIN_SCRIPT', script)
+    monkeypatch.setattr(timm_tfkd.study.runs, 'TRAINER_COMMAND', (sys.executable, str(script)))
     return pid_file
 
 
 def test_hanging_trainer_is_stopped_and_reported(tiny_data, tmp_path, hanging_trainer, capsys):
     out = tmp_path / 'hanging'
     start = time.monotonic()
-    assert study.main(_argv(tiny_data, out, modes=('ce', 'reg-paper'), seeds=(0,), run_timeout=2)) == 1
+    assert run_study(_argv(tiny_data, out, modes=('ce', 'reg-paper'), seeds=(0,), run_timeout=2)) == 1
     assert time.monotonic() - start < 60  # two runs of 2 s each, not an hour
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
         os.kill(int(hanging_trainer.read_text()), 0)
@@ -236,13 +237,13 @@ def test_hanging_trainer_is_stopped_and_reported(tiny_data, tmp_path, hanging_tr
 
 
 def test_run_timeout_is_documented_with_its_default():
-    text = re.sub(r'\s+', ' ', study.create_parser().format_help())
+    text = re.sub(r'\s+', ' ', study.add_study_arguments(argparse.ArgumentParser()).format_help())
     assert '--run-timeout SECONDS' in text and f'Default: {study.DEFAULT_RUN_TIMEOUT} (24 h)' in text
 
 
 def test_failed_run_is_reported_and_its_students_skipped(tiny_data, tmp_path, fake_trainer, capsys):
     out = tmp_path / 'failing'
-    assert study.main(_argv(tiny_data, out, modes=('ce', 'self', 'reg-paper'), seeds=(0,))) == 1
+    assert run_study(_argv(tiny_data, out, modes=('ce', 'self', 'reg-paper'), seeds=(0,))) == 1
     calls = [json.loads(line) for line in fake_trainer.read_text().splitlines()]
     assert [call[call.index('--experiment') + 1] for call in calls] == ['ce-s0', 'reg-paper-s0']
     log = out / 'logs' / 'ce-s0.log'
@@ -258,7 +259,7 @@ def test_unfinished_run_is_resumed(tiny_data, tmp_path, fake_trainer):
     run_dir = out / 'runs' / 'ce-s0'
     run_dir.mkdir(parents=True)
     (run_dir / 'last.pth.tar').write_bytes(b'')
-    study.main(_argv(tiny_data, out, modes=('ce',), seeds=(0,)))
+    run_study(_argv(tiny_data, out, modes=('ce',), seeds=(0,)))
     (call,) = [json.loads(line) for line in fake_trainer.read_text().splitlines()]
     assert call[-2:] == ['--resume', 'auto']
 
@@ -266,15 +267,17 @@ def test_unfinished_run_is_resumed(tiny_data, tmp_path, fake_trainer):
 def test_bad_extra_flag_is_refused_before_any_run(tiny_data, tmp_path, fake_trainer):
     argv = _argv(tiny_data, tmp_path / 'bad', modes=('ce',), seeds=(0,))
     argv[argv.index(f'--extra={EXTRA}')] = '--extra=--epochs 3'
-    assert study.main(argv) == 2
+    assert run_study(argv) == 2
     assert not fake_trainer.exists()
 
 
 @pytest.mark.parametrize('schedule, warned', [('--warmup-epochs 1', True), ('--warmup-epochs 0', False),
                                                ('--warmup-epochs 1 --sched-on-updates', False)])
-def test_defective_teacher_warns_when_its_first_epoch_is_all_warmup(tiny_data, tmp_path, schedule, warned, capsys):
-    plan = study.plan_runs(['de-kd'], [0], 'test_resnet', 'test_resnet', 3, schedule.split(), study.load_config(None))
-    study.check_plan(plan, study.Study(str(tiny_data), tmp_path, 'cpu', 0))
+def test_defective_teacher_warns_when_its_first_epoch_is_all_warmup(tiny_data, tmp_path, schedule, warned, capsys,
+                                                                   fake_trainer):
+    argv = _argv(tiny_data, tmp_path / 'warmup', modes=('de-kd',), seeds=(0,))
+    argv[argv.index(f'--extra={EXTRA}')] = f'--extra={schedule}'
+    run_study(argv)
     assert ('warning: the defective teacher is ce-s0' in capsys.readouterr().err) == warned
 
 
@@ -291,6 +294,60 @@ def test_plan_trains_each_teacher_once_before_its_students():
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(study.StudyError, match='unknown mode'):
+    with pytest.raises(StudyError, match='unknown mode'):
         study.plan_runs(['ce', 'nope'], [0], 'resnet18', 'resnet10t', 1, [], study.load_config(None))
 
+
+
+def test_the_example_is_the_documented_study_and_its_flags_pass_the_trainer(tiny_data, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location('study_example', ROOT / 'examples' / 'study.py')
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / 'example'
+    # Every run of the six-mode plan is parsed and checked by the trainer's own checks; --report-only trains nothing.
+    assert cli_main(example.study_argv(str(tiny_data), str(out), '--report-only')) == 0
+    table = _read_csv(out / 'results.csv')
+    assert [row['mode'] for row in table] == ['ce', 'ls', 'reg-paper', 'reg-official', 'self', 'de-kd']
+    assert all(row['n'] == '0' for row in table) and not (out / 'runs').exists()
+    readme = (ROOT / 'docs' / 'results' / 'cpu-fashion-mnist' / 'README.md').read_text()
+    assert example.FASHION_MNIST_RECIPE in re.sub(r'\s*\\\n\s*', ' ', readme)  # the recipe the results came from
+
+
+def _config_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / 'modes.yaml'
+    path.write_text(text)
+    return str(path)
+
+
+# id -> (changes to the tiny study's argv, words its one error line must contain)
+STUDY_BAD_INPUT = {
+    'unknown-mode': (lambda argv, tmp: argv + ['--modes', 'ce', 'nope'], ['unknown mode(s) nope']),
+    'extra-sets-a-study-flag': (lambda argv, tmp: argv + ['--extra=--epochs 3'], ['--extra sets --epochs']),
+    'mode-sets-a-study-flag': (lambda argv, tmp: argv + ['--modes', 'x', '--config', _config_file(
+        tmp, 'x: {flags: --tfkd-mode none --seed 3}\n')], ['mode x sets --seed']),
+    'unknown-teacher-kind': (lambda argv, tmp: argv + ['--modes', 'x', '--config', _config_file(
+        tmp, 'x: {flags: --tfkd-mode kd, teacher: oracle}\n')], ['teacher must be one of self, defective, weak']),
+    'config-not-a-mapping-of-modes': (lambda argv, tmp: argv + ['--config', _config_file(tmp, '- ce\n')],
+                                      ['expected a mapping']),
+    'config-missing': (lambda argv, tmp: argv + ['--config', str(tmp / 'nope.yaml')], ['cannot read study config']),
+    'config-not-yaml': (lambda argv, tmp: argv + ['--config', _config_file(tmp, 'x: [\n')],
+                        ['cannot read study config']),
+    'trainer-refuses-a-value': (lambda argv, tmp: argv + ['--extra=--hflip 2'], ['run ce-s0', '--hflip']),
+    'trainer-unknown-flag': (lambda argv, tmp: argv + ['--extra=--no-such-flag'],
+                             ['run ce-s0', 'unrecognized arguments: --no-such-flag']),
+    'split-folder-missing': (lambda argv, tmp: [a.replace('DATA', str(tmp)) for a in argv],
+                             ["has no 'train' split folder"]),
+    'no-seeds': (lambda argv, tmp: argv + ['--seeds'], ['--seeds', 'expected at least one']),
+}
+
+
+@pytest.mark.parametrize('case', STUDY_BAD_INPUT, ids=list(STUDY_BAD_INPUT))
+def test_bad_study_input_is_one_line_and_exit_2_before_any_run(case, tiny_data, tmp_path, fake_trainer, capsys):
+    change, words = STUDY_BAD_INPUT[case]
+    argv = ['--data-dir', 'DATA' if case == 'split-folder-missing' else str(tiny_data), '--out', str(tmp_path / 'o'),
+            '--model', 'test_resnet', '--modes', 'ce', '--seeds', '0', '--epochs', '1', '--device', 'cpu']
+    assert run_study(change(argv, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('timm-tfkd: error: '), err
+    assert all(word in err[0] for word in words), err[0]
+    assert not fake_trainer.exists() and not (tmp_path / 'o').exists()

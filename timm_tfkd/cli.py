@@ -1,4 +1,5 @@
-"""The ``timm-tfkd`` command: export a training run for the Hub, upload it, prepare Fashion-MNIST, evaluate a run.
+"""The ``timm-tfkd`` command: export a training run for the Hub, upload it, prepare Fashion-MNIST, evaluate a run,
+run a seeded study.
 
 Each subcommand is registered by one ``add_*_command(subparsers)`` function that sets a ``handler``; a new
 subcommand adds its function to :data:`SUBCOMMANDS`.
@@ -14,6 +15,8 @@ from .datasets.fashion_mnist import DEFAULT_SOURCE, prepare_folder
 from .errors import ExportError, HubUploadError, TfKDError, UsageError
 from .evaluate import evaluate_run
 from .hub import export_run, is_export, push_run, push_to_hub
+from .study import DESCRIPTION as STUDY_DESCRIPTION
+from .study import add_study_arguments, run_study
 from .version import __version__
 
 PROG = 'timm-tfkd'
@@ -98,11 +101,20 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     return parser
 
 
+def add_study_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``study --data-dir DIR --out DIR``."""
+    parser = subparsers.add_parser('study', help=STUDY_DESCRIPTION, description=STUDY_DESCRIPTION)
+    add_study_arguments(parser)
+    parser.set_defaults(handler=run_study_command)
+    return parser
+
+
 SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
     add_export_command,
     add_push_command,
     add_fashion_mnist_command,
     add_evaluate_command,
+    add_study_command,
 ]
 
 
@@ -151,6 +163,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_study_command(args: argparse.Namespace) -> int:
+    """Handler of ``study``: prints each run's progress; 1 when a run failed (the others went on)."""
+    return run_study(args, [PROG, *args.argv])
+
+
 def _fail(message: str) -> None:
     print(f'{PROG}: error: {message}', file=sys.stderr)
 
@@ -179,6 +196,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except UsageError as e:
         _fail(str(e))
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except HubUploadError as e:  # the export is on disk; the message ends with the command that retries

@@ -42,6 +42,10 @@ class StudyError(TfKDError, ValueError):
     """A study cannot start as asked."""
 
 
+class StudyRunFailed(TfKDError, RuntimeError):
+    """One run of a study did not train or cannot be scored; the study goes on with the others."""
+
+
 class NonFiniteLossError(TfKDError, RuntimeError):
     """The training loss became NaN or infinite; the last checkpoint on disk is intact."""
 

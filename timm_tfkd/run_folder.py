@@ -127,7 +127,7 @@ def _to_number(value: Optional[str]) -> Optional[float]:
         return None
 
 
-def write_json_atomic(path: PathLike, data: Mapping[str, Any]) -> None:
+def write_json_atomic(path: PathLike, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     tmp_path = f'{path}.tmp'
     with open(tmp_path, 'w', encoding='utf-8') as f:
