@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
@@ -40,6 +40,20 @@ LOCK_PATIENCE_S = 1.0
 INVOCATIONS_FILE = 'invocations.jsonl'
 # The validation metrics every run reports (summary.csv has them as eval_<name>, and eval_ema_<name> with an EMA).
 METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
+# A multi-label run (--task multilabel) reports timm's multi-label metrics instead: mAP, micro / macro / sample F1
+# (percent) and the BCE loss.
+MULTILABEL_METRIC_NAMES = ('map', 'micro_f1', 'macro_f1', 'sample_f1', 'loss')
+MULTILABEL_TASK = 'multilabel'
+
+
+def metric_names(task: Optional[str]) -> Tuple[str, ...]:
+    """The validation metrics a run of ``task`` (``classification`` when None) reports."""
+    return MULTILABEL_METRIC_NAMES if task == MULTILABEL_TASK else METRIC_NAMES
+
+
+def headline_metric(task: Optional[str]) -> str:
+    """The metric that says which of two sets of weights is better: top-1, or mAP for multi-label runs."""
+    return metric_names(task)[0]
 
 
 def milestone_checkpoint(epochs_done: int) -> str:
@@ -69,6 +83,7 @@ class RunRecord:
         best_epoch: Epoch of ``model_best.pth.tar``.
         epochs_trained: Epochs completed so far.
         finished: Whether the run trained every epoch of its schedule (False while running, or when stopped).
+        task: ``classification`` or ``multilabel`` (timm's ``--task``); it decides the metrics (:func:`metric_names`).
     """
     model: str
     num_classes: int
@@ -87,6 +102,7 @@ class RunRecord:
     best_epoch: Optional[int] = None
     epochs_trained: Optional[int] = None
     finished: Optional[bool] = None
+    task: str = 'classification'
 
     REQUIRED = ('model', 'num_classes', 'in_chans', 'data_config', 'tfkd')
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..checkpoint_io import EMA_STATE_DICT_KEYS, extract_state_dict, read_checkpoint, sha256_file
 from ..errors import ExportError
 from ..methods import registered_flags
-from ..run_folder import METRIC_NAMES, RunFolder, RunRecord
+from ..run_folder import RunFolder, RunRecord, headline_metric, metric_names
 from ..version import __version__
 from .card import model_card, plot_curves
 from .files import (
@@ -67,18 +67,20 @@ def _read_run(run_dir: Path) -> _Run:
     return _Run(folder, record, folder.read_args(), summary)
 
 
-def _row_metrics(row: Optional[Mapping[str, Any]], ema: bool) -> Optional[Dict[str, float]]:
+def _row_metrics(row: Optional[Mapping[str, Any]], ema: bool, task: str) -> Optional[Dict[str, float]]:
     if row is None:
         return None
     prefix = 'eval_ema_' if ema else 'eval_'
-    metrics = {name: row.get(prefix + name) for name in METRIC_NAMES}
+    metrics = {name: row.get(prefix + name) for name in metric_names(task)}
     return {k: v for k, v in metrics.items() if v is not None} or None
 
 
-def _ema_was_better(row: Optional[Mapping[str, Any]]) -> bool:
-    if row is None or row.get('eval_ema_top1') is None or row.get('eval_top1') is None:
+def _ema_was_better(row: Optional[Mapping[str, Any]], task: str) -> bool:
+    """The EMA's headline metric (top-1, multi-label: mAP) beat the model's."""
+    name = headline_metric(task)
+    if row is None or row.get(f'eval_ema_{name}') is None or row.get(f'eval_{name}') is None:
         return False
-    return row['eval_ema_top1'] > row['eval_top1']
+    return row[f'eval_ema_{name}'] > row[f'eval_{name}']
 
 
 def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) -> _Selection:
@@ -88,7 +90,7 @@ def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) ->
         run: The parsed run folder.
         checkpoint: 'best', 'last' or a checkpoint file.
         use_ema: True / False forces the choice; None takes the EMA weights only when they exist and their
-            eval top-1 beat the plain model's at the checkpoint's epoch in summary.csv.
+            eval top-1 (multi-label: mAP) beat the plain model's at the checkpoint's epoch in summary.csv.
     """
     path = run.folder.checkpoint(checkpoint)
     state = read_checkpoint(str(path))
@@ -96,14 +98,14 @@ def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) ->
     row = next((row for row in run.summary if row['epoch'] == epoch), None) if epoch is not None else None
     if use_ema is None:
         has_ema = any(isinstance(state.get(key), dict) for key in EMA_STATE_DICT_KEYS)
-        use_ema = has_ema and _ema_was_better(row)
+        use_ema = has_ema and _ema_was_better(row, run.record.task)
         _logger.info('Exporting %s weights of %s (epoch %s)', 'EMA' if use_ema else 'model', path.name, epoch)
     return _Selection(
         state_dict=extract_state_dict(state, use_ema=use_ema),
         checkpoint_name=path.name,
         epoch=epoch,
         ema=use_ema,
-        metrics=_row_metrics(row, use_ema),
+        metrics=_row_metrics(row, use_ema, run.record.task),
     )
 
 
@@ -186,6 +188,7 @@ def _metadata(run: _Run, selection: _Selection, weights_sha256: str) -> Dict[str
         'model': record.model,
         'num_classes': record.num_classes,
         'in_chans': record.in_chans,
+        'task': record.task,
         'tfkd': _public_tfkd(record.tfkd),
         'dataset': record.dataset,
         'train_split': record.train_split,
@@ -236,7 +239,7 @@ def _write_export(run: _Run, selection: _Selection, folder: Path, repo_id: Optio
     _write_weights_and_config(model, run, license_id, folder)
     meta = _metadata(run, selection, sha256_file(folder / WEIGHTS_FILE))
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + '\n', encoding='utf-8')
-    plot_curves(run.summary, folder / CURVES_FILE)
+    plot_curves(run.summary, folder / CURVES_FILE, run.record.task)
     card = model_card(run.record, run.args, meta, license_id, repo_id, final_epoch=run.summary[-1]['epoch'])
     (folder / CARD_FILE).write_text(card, encoding='utf-8')
 

@@ -6,7 +6,7 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from timm.utils import dispatch_clip_grad
 from ..errors import NonFiniteLossError
 from ..tasks import EpochHooks, SampleIndexed
 from .data import TrainSampler
-from .metrics import ClassificationMetrics
+from .metrics import ClassificationMetrics, MultiLabelMetrics
 
 _logger = logging.getLogger(__name__)
 
@@ -203,14 +203,20 @@ def measure(
         amp_autocast: Callable[[], AbstractContextManager],
         model_dtype: Optional[torch.dtype] = None,
         progress: Optional[Callable[[int, int], None]] = None,
-) -> ClassificationMetrics:
+        multilabel_threshold: Optional[float] = None,
+) -> Union[ClassificationMetrics, MultiLabelMetrics]:
     """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums.
 
     The duplicates a distributed sampler pads the ranks with still run through the model (collectives stay
-    balanced) but are not counted, so the reduced metrics are those of the dataset itself.
+    balanced) but are not counted, so the reduced metrics are those of the dataset itself. With
+    ``multilabel_threshold`` the targets are multi-label and the metrics timm's multi-label ones.
     """
     model.eval()
-    metrics = ClassificationMetrics(device, max_samples=evaluation_sample_limit(loader))
+    limit = evaluation_sample_limit(loader)
+    if multilabel_threshold is None:
+        metrics = ClassificationMetrics(device, max_samples=limit)
+    else:
+        metrics = MultiLabelMetrics(device, threshold=multilabel_threshold, max_samples=limit)
     num_batches = len(loader)
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
@@ -229,23 +235,29 @@ def measure(
 
 
 def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Test') -> Dict[str, float]:
-    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks.
+    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks (multi-label: timm's
+    loss, mAP and F1 metrics).
 
     Raises:
         NonFiniteLossError: The model's outputs are not finite (on every rank alike: the sums are reduced first).
     """
     args = ctx.args
+    multilabel = args.task == 'multilabel'
     progress = Progress(ctx.is_primary, args.log_interval, live_only=True)
     metrics = measure(model, loader, ctx.device, args.prefetcher, args.channels_last, ctx.amp_autocast,
-                      ctx.model_dtype, progress=lambda index, total: progress.update(label, index, total, ''))
+                      ctx.model_dtype, progress=lambda index, total: progress.update(label, index, total, ''),
+                      multilabel_threshold=args.multilabel_threshold if multilabel else None)
     metrics.reduce()
     result = metrics.compute()
-    if not math.isfinite(result['nll']):
+    if not math.isfinite(result['loss']):
         # The last update of the epoch made the weights non-finite (its loss was still finite): stop before this
         # epoch's checkpoint replaces the last good one.
         raise NonFiniteLossError(f'non-finite model outputs in validation ({label}): training diverged in the last '
                                  f'step(s); the last saved checkpoint is unchanged')
-    if ctx.is_primary:
+    if ctx.is_primary and multilabel:
+        _logger.info(f"{label}: Loss {result['loss']:.4f}  mAP {result['map']:.3f}  F1 micro {result['micro_f1']:.3f}  "
+                     f"macro {result['macro_f1']:.3f}  sample {result['sample_f1']:.3f}")
+    elif ctx.is_primary:
         _logger.info(f"{label}: Acc@1 {result['top1']:.3f}  Acc@5 {result['top5']:.3f}  NLL {result['nll']:.4f}  "
                      f"ECE {result['ece']:.2f}")
     return result

@@ -229,6 +229,7 @@ def _record(run: Run, final, final_ema, best_epoch, epochs_trained: int) -> RunR
         best_epoch=best_epoch,
         epochs_trained=epochs_trained,
         finished=epochs_trained >= run.num_epochs,
+        task=args.task,
     )
 
 
@@ -387,8 +388,13 @@ def _finish(run: Run, folder: RunFolder, final: Optional[Dict[str, float]],
     args = run.args
     if final is not None:
         shown = final_ema or final
-        print(f"Final ({'EMA' if final_ema else 'model'}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  "
-              f"top-5 {shown['top5']:.2f}%  NLL {shown['nll']:.4f}  ECE {shown['ece']:.2f}%")
+        if args.task == 'multilabel':
+            print(f"Final ({'EMA' if final_ema else 'model'}) on '{args.val_split}': mAP {shown['map']:.2f}%  "
+                  f"F1 micro {shown['micro_f1']:.2f}%  macro {shown['macro_f1']:.2f}%  "
+                  f"sample {shown['sample_f1']:.2f}%  loss {shown['loss']:.4f}")
+        else:
+            print(f"Final ({'EMA' if final_ema else 'model'}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  "
+                  f"top-5 {shown['top5']:.2f}%  NLL {shown['nll']:.4f}  ECE {shown['ece']:.2f}%")
     print(f'Checkpoints and summary in {folder.path}')
     try:
         publish_run(args, folder.path)

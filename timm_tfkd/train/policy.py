@@ -6,14 +6,18 @@ import os
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from timm.data.readers.targets import TARGET_FORMATS
+
 from ..errors import UsageError
 from ..hub import is_export
 from ..methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get_method, registered_flags
 from .build import student_in_chans
-from .data import mixup_settings
+from .data import MULTILABEL_READERS, mixup_settings
 from .flags import create_parser
 from .loggers import check_logging_args
+from .metrics import MULTILABEL_DEFAULT_METRIC, MULTILABEL_METRIC_NAMES
 from .publish import check_hub_args
+from .weights import check_loss_weights, pos_weight_value
 
 # timm flags the trainer accepts (so timm commands parse) but refuses when set away from their default.
 UNSUPPORTED_FLAGS = {
@@ -28,10 +32,6 @@ UNSUPPORTED_FLAGS = {
     'fuser': 'TorchScript',
     'tta': 'test-time augmentation in validation',
     'save_images': 'saving input images',
-    'class_stats': 'class statistics for loss weighting',
-    'loss_weight_power': 'class statistics for loss weighting',
-    'task': 'multi-label training',
-    'target_format': 'multi-label training',
 }
 
 
@@ -109,10 +109,15 @@ VALUE_RULES: Dict[str, Rule] = {
     'kd_temperature': POSITIVE, 'distill_loss_weight': _optional(NON_NEGATIVE),
     'task_loss_weight': _optional(NON_NEGATIVE), 'tta': NON_NEGATIVE,
     'multilabel_threshold': _within(0.0, 1.0, include_high=False),
+    'loss_weight_power': _optional(NON_NEGATIVE), 'loss_weight_beta': _within(0.0, 1.0, include_high=False),
+    'loss_weight_max': _optional(POSITIVE),
 }
 DEFAULT_OUTPUT = './output/train'  # timm's train.py default for --output
-# Metrics the trainer's validation reports, by which --eval-metric may rank checkpoints.
+# Metrics the trainer's validation reports, by which --eval-metric may rank checkpoints (multi-label: timm's
+# multi-label evaluator's, which ranks by mAP by default).
 EVAL_METRICS = ('top1', 'top5', 'loss', 'nll', 'ece')
+MULTILABEL_EVAL_METRICS = MULTILABEL_METRIC_NAMES
+DEFAULT_EVAL_METRIC = 'top1'  # timm's --eval-metric default
 
 
 def check_values(args: argparse.Namespace) -> None:
@@ -133,8 +138,10 @@ def check_values(args: argparse.Namespace) -> None:
         values = getattr(args, dest)
         if values is not None and len(values) not in (1, channels):
             raise UsageError(f'--{dest} needs 1 or {channels} values (one per input channel), got {len(values)}')
-    if args.eval_metric not in EVAL_METRICS:
-        raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
+    allowed = MULTILABEL_EVAL_METRICS if args.task == 'multilabel' else EVAL_METRICS
+    if args.eval_metric not in allowed:
+        task = ' with --task multilabel' if args.task == 'multilabel' else ''
+        raise UsageError(f"--eval-metric must be one of {', '.join(allowed)}{task}, got '{args.eval_metric}'")
 
 
 def _option_string(parser: argparse.ArgumentParser, dest: str) -> str:
@@ -157,20 +164,58 @@ def check_supported(args: argparse.Namespace) -> None:
             raise UsageError(f"{_option_string(parser, dest)} is not supported by the Tf-KD trainer yet ({reason}); "
                              f"remove it or use timm's train.py")
     method = get_method(args.tfkd_mode)
+    check_task(args)
     if not method.uses_timm_criterion:
         if args.kd_model_name is not None:
             raise UsageError(f"--kd-model-name (timm's distillation) and --tfkd-mode {method.name} are two different "
                              f"distillation methods; use one of them")
-        if args.bce_loss or args.loss not in (None, 'ce'):
-            loss = '--bce-loss' if args.bce_loss else f'--loss {args.loss}'
-            raise UsageError(f'{loss} cannot be combined with --tfkd-mode {method.name}: Tf-KD losses are built on '
-                             f'softmax cross-entropy')
+        multilabel = args.task == 'multilabel'
+        own_loss = 'bce' if multilabel else 'ce'
+        if (args.bce_loss and own_loss != 'bce') or args.loss not in (None, own_loss):
+            loss = f'--loss {args.loss}' if args.loss not in (None, own_loss) else '--bce-loss'
+            why = ('its multi-label loss is BCE' if multilabel else
+                   'Tf-KD losses are built on softmax cross-entropy')
+            raise UsageError(f'{loss} cannot be combined with --tfkd-mode {method.name}: {why}')
+        if not multilabel and pos_weight_value(args) is not None:
+            option = '--loss-pos-weight' if args.loss_pos_weight is not None else '--bce-pos-weight'
+            raise UsageError(f'{option} cannot be combined with --tfkd-mode {method.name}: it weighs the positive '
+                             f'targets of BCE losses, and Tf-KD losses are softmax cross-entropy (use '
+                             f'--loss-class-weight)')
     try:
         method.check(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if method.smoothing == SMOOTHING_EPSILON and not 0.0 <= args.smoothing < 1.0:
         raise UsageError(f'--tfkd-mode {method.name} needs --smoothing in [0, 1), got {args.smoothing:g}')
+
+
+def check_task(args: argparse.Namespace) -> None:
+    """Refuse target settings that do not fit ``--task``, as timm's ``train.py`` does.
+
+    Raises:
+        UsageError: One line.
+    """
+    if args.target_format is not None and args.target_format not in TARGET_FORMATS:
+        raise UsageError(f"--target-format must be one of {', '.join(TARGET_FORMATS)}, got '{args.target_format}'")
+    if args.task != 'multilabel':
+        if args.target_format == 'multihot':
+            raise UsageError('--target-format multihot needs --task multilabel')
+        return
+    if not (args.dataset or '').lower().startswith(MULTILABEL_READERS):
+        raise UsageError(f"--task multilabel needs a dataset whose records hold several labels ({', '.join(MULTILABEL_READERS)}"
+                         f" with --target-key); '{args.dataset or 'folder'}' gives one class index per image")
+    if args.num_classes is None:
+        raise UsageError('--task multilabel needs --num-classes (multi-label datasets do not always name their '
+                         'classes)')
+    if args.kd_model_name is not None:
+        raise UsageError("--kd-model-name (timm's distillation, a softmax over the classes) is not defined for "
+                         "--task multilabel and is refused until defined")
+
+
+def resolve_eval_metric(args: argparse.Namespace, explicit: Set[str]) -> None:
+    """timm's default ``--eval-metric top1`` means the task's default metric: mAP for multi-label training."""
+    if args.task == 'multilabel' and 'eval_metric' not in explicit and args.eval_metric == DEFAULT_EVAL_METRIC:
+        args.eval_metric = MULTILABEL_DEFAULT_METRIC
 
 
 def resolve_smoothing(args: argparse.Namespace, explicit: Set[str]) -> Tuple[float, str]:
@@ -258,8 +303,10 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
     Raises:
         UsageError: The first problem found, as one line.
     """
+    resolve_eval_metric(args, explicit)
     check_supported(args)
     check_values(args)
+    warnings = check_loss_weights(args)
     check_hub_args(args)
     check_logging_args(args)
     check_writable_folder(args.output or DEFAULT_OUTPUT, '--output')
@@ -272,6 +319,6 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
                              f"choose a new or empty folder")
     ignored = ignored_tfkd_flags(args, explicit)
     if ignored:
-        return [f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by --tfkd-mode "
-                f"{args.tfkd_mode}, which does not read {'it' if len(ignored) == 1 else 'them'}"]
-    return []
+        warnings.append(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by --tfkd-mode "
+                        f"{args.tfkd_mode}, which does not read {'it' if len(ignored) == 1 else 'them'}")
+    return warnings
