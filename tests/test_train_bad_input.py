@@ -232,6 +232,10 @@ CASES = {
         lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats',
                                  p.stats / 'five-classes.json', '--loss-class-weight', 'inv_freq'),
         ['--class-stats', 'five-classes.json', '5 entries', '3 classes']),
+    'class-stats-unused-other-class-count': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'lsr', '--class-stats',
+                                 p.stats / 'five-classes.json'),
+        ['--class-stats', 'five-classes.json', '5 entries', '3 classes']),
     'class-weight-other-count': (
         _args('data', '--tfkd-mode', 'lsr', '--loss-class-weight', '1,2'), ['--loss-class-weight 1,2', '2 entries',
                                                                              '3 classes']),

@@ -182,10 +182,11 @@ def test_run_reports_timm_multilabel_metrics(name, runs, data):
     assert info['final_metrics'] == pytest.approx({m: rows[-1][f'eval_{m}'] for m in METRICS}, rel=1e-12)
     expected = expected_metrics(model_outputs(run_dir, data), _multihot(_labels('validation')), _threshold(name))
     assert info['final_metrics'] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    # mAP ranks the checkpoints (higher is better), timm's default for multi-label training.
-    best = read_checkpoint(str(run_dir / 'model_best.pth.tar'))['epoch']
+    # mAP ranks the checkpoints (higher is better; the EMA's when it is validated), timm's default for multi-label.
+    best = read_checkpoint(str(run_dir / 'model_best.pth.tar'))
     column = 'eval_ema_map' if 'eval_ema_map' in rows[0] else 'eval_map'
-    assert rows[best][column] == max(row[column] for row in rows)
+    assert best['metric'] == pytest.approx(rows[best['epoch']][column], rel=1e-12)
+    assert rows[best['epoch']][column] == max(row[column] for row in rows)
 
 
 @pytest.mark.parametrize('name', list(RUNS))

@@ -147,7 +147,8 @@ def _softmax_two_valued(logit_true: float, logit_other: float, num_classes: int)
 IDENTITY_TARGET = TwoValuedTeacher(1.0, 0.0)  # the cross-entropy target is the label itself
 
 
-def check_class_weight(class_weight: Optional[torch.Tensor], num_classes: Optional[int] = None) -> Optional[torch.Tensor]:
+def check_class_weight(class_weight: Optional[torch.Tensor],
+                       num_classes: Optional[int] = None) -> Optional[torch.Tensor]:
     """Per-class weights of the cross-entropy part: a finite, non-negative 1-D tensor (one value per class).
 
     Args:
@@ -166,7 +167,8 @@ def check_class_weight(class_weight: Optional[torch.Tensor], num_classes: Option
     if not weight.is_floating_point():
         weight = weight.float()
     if weight.ndim != 1 or not weight.numel():
-        raise ValueError(f'class_weight must be a 1-D tensor with one weight per class, got shape {tuple(weight.shape)}')
+        raise ValueError(f'class_weight must be a 1-D tensor with one weight per class, got shape '
+                         f'{tuple(weight.shape)}')
     if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
         raise ValueError('class_weight must be finite and non-negative')
     if num_classes is not None and weight.numel() != num_classes:

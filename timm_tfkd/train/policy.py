@@ -202,8 +202,9 @@ def check_task(args: argparse.Namespace) -> None:
             raise UsageError('--target-format multihot needs --task multilabel')
         return
     if not (args.dataset or '').lower().startswith(MULTILABEL_READERS):
-        raise UsageError(f"--task multilabel needs a dataset whose records hold several labels ({', '.join(MULTILABEL_READERS)}"
-                         f" with --target-key); '{args.dataset or 'folder'}' gives one class index per image")
+        kinds = ', '.join(MULTILABEL_READERS)
+        raise UsageError(f"--task multilabel needs a dataset whose records hold several labels ({kinds} with "
+                         f"--target-key); '{args.dataset or 'folder'}' gives one class index per image")
     if args.num_classes is None:
         raise UsageError('--task multilabel needs --num-classes (multi-label datasets do not always name their '
                          'classes)')
