@@ -100,6 +100,8 @@ def test_timm_1_0_31_defaults():
     assert args.loss_pos_weight is None
     assert args.loss_class_weight is None
     assert args.loss_weight_power is None
+    assert args.loss_weight_beta == 0.999
+    assert args.loss_weight_max is None
     assert args.class_stats is None
     assert args.poly_gamma == 0.0
     assert args.poly_epsilon == 2.0
@@ -112,7 +114,8 @@ def test_timm_1_0_31_values():
     args, _ = parse_args([
         '--resume', 'auto', '--stop-epoch', '5', '--save-epochs', '10', '20', '--sched', 'wsd',
         '--lr-decay-fn', 'linear', '--lr-stable-timescale', '0.5', '--task', 'multilabel', '--loss', 'asl',
-        '--loss-pos-weight', '1', '2.5', '--loss-class-weight', '0.5', '--loss-weight-power', '0.5',
+        '--loss-pos-weight', '1,2.5', '--loss-class-weight', 'inv_freq', '--loss-weight-power', '0.5',
+        '--loss-weight-beta', '0.99', '--loss-weight-max', '10', '--class-stats', 'stats.json',
         '--poly-gamma', '1', '--poly-epsilon', '1', '--target-format', 'multihot',
         '--multilabel-threshold', '0.3', '--pretrained-cfg-overlay', 'file=/weights/model.safetensors',
     ])
@@ -124,9 +127,11 @@ def test_timm_1_0_31_values():
     assert args.lr_stable_timescale == 0.5
     assert args.task == 'multilabel'
     assert args.loss == 'asl'
-    assert args.loss_pos_weight == [1.0, 2.5]
-    assert args.loss_class_weight == [0.5]
+    # timm's forms: a number, a comma separated list, a file, or a method name computed from --class-stats.
+    assert args.loss_pos_weight == '1,2.5'
+    assert args.loss_class_weight == 'inv_freq'
     assert args.loss_weight_power == 0.5
+    assert (args.loss_weight_beta, args.loss_weight_max, args.class_stats) == (0.99, 10.0, 'stats.json')
     assert (args.poly_gamma, args.poly_epsilon) == (1.0, 1.0)
     assert args.target_format == 'multihot'
     assert args.multilabel_threshold == 0.3
@@ -281,10 +286,6 @@ UNSUPPORTED_ARGV = {
     'train_img_sizes': ['--train-img-sizes', '224', '256'],
     'train_batch_sizes': ['--train-batch-sizes', '64', '32'],
     'train_size_probs': ['--train-size-probs', '0.5', '0.5'],
-    'class_stats': ['--class-stats', 'stats.json'],
-    'loss_weight_power': ['--loss-weight-power', '0.5'],
-    'task': ['--task', 'multilabel'],
-    'target_format': ['--target-format', 'multi_hot'],
 }
 
 

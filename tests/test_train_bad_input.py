@@ -77,6 +77,12 @@ def paths(tmp_path_factory) -> SimpleNamespace:
     bad_yaml.write_text('batch_size: eight\n')
     script_and_compile = root / 'script-and-compile.yaml'
     script_and_compile.write_text('torchscript: true\ntorchcompile: inductor\n')  # argparse alone refuses both
+    stats = root / 'stats'
+    stats.mkdir()
+    (stats / 'not-json.json').write_text('pos_counts: [1, 2, 3]\n')
+    (stats / 'no-counts.json').write_text('{"num_samples": 9}')
+    (stats / 'five-classes.json').write_text('{"pos_counts": [1, 2, 3, 2, 1], "num_samples": 9}')
+    (stats / 'three-classes.json').write_text('{"pos_counts": [4, 3, 2], "num_samples": 9}')
     teachers = root / 'teachers'
     teachers.mkdir()
     data = write_image_folder(root / 'data', per_class=3)  # 9 images: one batch of 8
@@ -100,6 +106,7 @@ def paths(tmp_path_factory) -> SimpleNamespace:
         corrupt=corrupt,
         bad_yaml=bad_yaml,
         script_and_compile=script_and_compile,
+        stats=stats,
         teacher_effnet=_save_teacher(teachers / 'effnet.pth.tar', 'test_efficientnet'),
         teacher_5_classes=_save_teacher(teachers / 'resnet-5-classes.pth.tar', 'test_resnet', num_classes=5),
         teacher_rgb=_save_teacher(teachers / 'resnet-rgb.pth.tar', 'test_resnet'),
@@ -222,6 +229,12 @@ CASES = {
         _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'reg'), ['--jsd-loss', '--tfkd-mode reg']),
     'jsd-loss-with-self': (
         _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'self'), ['--jsd-loss', '--tfkd-mode self']),
+    'jsd-loss-with-multilabel': (
+        _args('data', '--aug-splits', '2', '--jsd-loss', '--task', 'multilabel', '--dataset', 'wds/ml'),
+        ['--jsd-loss', '--task multilabel']),
+    'jsd-loss-with-class-weights': (
+        _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'lsr', '--loss-class-weight', '1,2,3'),
+        ['--jsd-loss', '--loss-class-weight']),
     'jsd-loss-with-reference-smoothing': (
         _args('data', '--aug-splits', '2', '--jsd-loss', '--tfkd-mode', 'lsr', '--tfkd-smoothing-convention',
               'reference'), ['--jsd-loss', 'reference']),
@@ -235,6 +248,76 @@ CASES = {
     'fuser-nvfuser': (_args('data', '--fuser', 'nvfuser'), ['--fuser nvfuser', 'no nvfuser']),
     'tta-batch-not-a-multiple': (_args('data', '--tta', '3'), ['--tta 3', 'batch size (8)', 'multiples of 3']),
     'tta-split-not-a-multiple': (_args('data', '--tta', '2'), ['--tta 2', 'images validated (9)', 'multiples of 2']),
+    # Loss weights (--class-stats and timm's weight flags) that cannot work.
+    'class-stats-missing': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats', p.missing / 'stats.json',
+                                 '--loss-class-weight', 'inv_freq'),
+        ['--class-stats', 'stats.json', 'cannot be read']),
+    'class-stats-not-json': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats',
+                                 p.stats / 'not-json.json', '--loss-class-weight', 'inv_freq'),
+        ['--class-stats', 'not-json.json', 'not valid JSON']),
+    'class-stats-unreadable': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'lsr', '--class-stats', p.stats,
+                                 '--loss-class-weight', 'inv_freq'),
+        ['--class-stats', 'cannot be read']),
+    'class-stats-without-counts': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats',
+                                 p.stats / 'no-counts.json', '--loss-class-weight', 'inv_freq'),
+        ['--class-stats', "'pos_counts'"]),
+    'class-stats-other-class-count': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats',
+                                 p.stats / 'five-classes.json', '--loss-class-weight', 'inv_freq'),
+        ['--class-stats', 'five-classes.json', '5 entries', '3 classes']),
+    'class-stats-unused-other-class-count': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'lsr', '--class-stats',
+                                 p.stats / 'five-classes.json'),
+        ['--class-stats', 'five-classes.json', '5 entries', '3 classes']),
+    'class-weight-other-count': (
+        _args('data', '--tfkd-mode', 'lsr', '--loss-class-weight', '1,2'), ['--loss-class-weight 1,2', '2 entries',
+                                                                             '3 classes']),
+    'class-weight-not-numbers': (
+        _args('data', '--tfkd-mode', 'lsr', '--loss-class-weight', 'weights.json'),
+        ['--loss-class-weight', 'weights.json', 'existing file']),
+    'class-weight-method-without-stats': (
+        _args('data', '--tfkd-mode', 'reg', '--loss-class-weight', 'inv_freq'), ['inv_freq', 'requires class stats']),
+    'class-weight-method-of-pos-weight': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats',
+                                 p.stats / 'three-classes.json', '--loss-class-weight', 'neg_pos'),
+        ['--loss-class-weight neg_pos', 'pos_weight']),
+    'loss-weight-power-negative': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--tfkd-mode', 'reg', '--class-stats',
+                                 p.stats / 'three-classes.json', '--loss-class-weight', 'inv_freq',
+                                 '--loss-weight-power', '-0.5'),
+        ['--loss-weight-power', '>= 0', '-0.5']),
+    'loss-weight-beta-one': (_args('data', '--loss-weight-beta', '1'), ['--loss-weight-beta', '[0, 1)']),
+    'class-weight-on-timm-cross-entropy': (
+        _args('data', '--loss-class-weight', '1,2,3'), ["timm's criterion", 'only supported by bce']),
+    'pos-weight-with-tfkd': (
+        _args('data', '--tfkd-mode', 'reg', '--loss-pos-weight', '2'), ['--loss-pos-weight', '--tfkd-mode reg']),
+    # Multi-label training (--task multilabel) where it is not defined or cannot work.
+    'multilabel-reg': (_args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--tfkd-mode', 'reg'),
+                       ['--task multilabel', '--tfkd-mode reg', 'until defined']),
+    'multilabel-self': (
+        _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--tfkd-mode', 'self'),
+        ['--task multilabel', '--tfkd-mode self', 'until defined']),
+    'multilabel-kd': (
+        lambda p, out: tiny_args(p.data, out, 'bad', '--task', 'multilabel', '--dataset', 'wds/ml', '--tfkd-mode',
+                                 'kd', '--tfkd-teacher-checkpoint', p.teacher_rgb, '--tfkd-teacher-model',
+                                 'test_resnet'),
+        ['--task multilabel', '--tfkd-mode kd', 'until defined']),
+    'multilabel-lsr-reference-convention': (
+        _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--tfkd-mode', 'lsr',
+              '--tfkd-smoothing-convention', 'reference'), ['--tfkd-smoothing-convention reference', 'until defined']),
+    'multilabel-folder-dataset': (_args('data', '--task', 'multilabel'), ['--task multilabel', "'folder'"]),
+    'multilabel-eval-metric-top1': (
+        _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--eval-metric', 'top1'),
+        ['--eval-metric', 'map', 'multilabel', "'top1'"]),
+    'target-format-multihot-single-label': (
+        _args('data', '--target-format', 'multihot'), ['--target-format multihot', '--task multilabel']),
+    'target-format-unknown': (
+        _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--target-format', 'dense'),
+        ['--target-format', 'indices, multihot', "'dense'"]),
     'kd-model-name-unreachable': (
         _args('data', '--kd-model-name', 'resnet18'), ['--kd-model-name resnet18', 'not in the local Hub cache']),
 }

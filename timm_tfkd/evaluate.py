@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint_io import load_state_dict_file
 from .errors import EvaluationError, TfKDError
-from .run_folder import METRIC_NAMES, RunFolder
+from .run_folder import MULTILABEL_TASK, RunFolder, metric_names
 from .train.build import available_device, create_precision
 from .train.data import class_names, create_eval_loader, create_split_dataset
 from .train.engine import measure
@@ -45,7 +45,8 @@ def evaluate_run(
         device: Optional[str] = None,
         workers: int = 0,
 ) -> Dict[str, float]:
-    """Top-1, top-5, NLL and ECE of a training run's weights (the model's, not the EMA's) on a data split.
+    """Top-1, top-5, NLL and ECE of a training run's weights (the model's, not the EMA's) on a data split; for a
+    multi-label run (``--task multilabel``), timm's multi-label metrics (mAP, F1 micro / macro / sample, BCE loss).
 
     Args:
         run_dir: Training output folder (``args.yaml``, ``run_info.json``, checkpoints).
@@ -57,7 +58,8 @@ def evaluate_run(
         workers: Data loader processes.
 
     Returns:
-        ``top1``, ``top5`` and ``ece`` in percent, ``nll`` in nats per sample.
+        ``top1``, ``top5`` and ``ece`` in percent, ``nll`` in nats per sample (multi-label: ``map``,
+        ``micro_f1``, ``macro_f1``, ``sample_f1`` in percent and ``loss``).
 
     Raises:
         EvaluationError: The run folder, checkpoint or split cannot be used.
@@ -89,6 +91,8 @@ def evaluate_run(
         model.to(memory_format=torch.channels_last)
     loader = create_eval_loader(dataset, record.data_config, batch_size, workers, device, precision.model_dtype,
                                 prefetcher=not args.no_prefetcher)
+    multilabel = record.task == MULTILABEL_TASK
     result = measure(model, loader, device, not args.no_prefetcher, args.channels_last, precision.autocast,
-                     precision.model_dtype).compute()
-    return {name: result[name] for name in METRIC_NAMES}
+                     precision.model_dtype, multilabel_threshold=args.multilabel_threshold if multilabel else None
+                     ).compute()
+    return {name: result[name] for name in metric_names(record.task)}

@@ -5,7 +5,7 @@ replaces the line that builds timm's ``ClassificationTask``.
 """
 import argparse
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,12 @@ def create_tfkd_loss(
         multiplier: float = 1.0,
         smoothing: float = 0.1,
         smoothing_convention: str = 'timm',
+        class_weight: Optional[torch.Tensor] = None,
 ) -> Optional[nn.Module]:
     """The criterion of a Tf-KD mode from keyword settings (None for 'none', which keeps timm's criterion).
 
     Each keyword is the setting of the ``--tfkd-*`` flag of the same name; a mode ignores the ones it does not read.
+    ``class_weight`` (K,) weights the cross-entropy part per class (see :mod:`timm_tfkd.losses`).
     """
     settings = dict(alpha=alpha, temperature=temperature, correct_prob=correct_prob, formula=formula,
                     multiplier=multiplier, smoothing_convention=smoothing_convention)
@@ -40,7 +42,7 @@ def create_tfkd_loss(
     for key, value in settings.items():
         setattr(args, f'tfkd_{key}', value)
     args.tfkd_mode = mode
-    return get_method(mode).create_loss(args, smoothing)
+    return get_method(mode).create_loss(args, smoothing, class_weight)
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -84,6 +86,8 @@ def create_tfkd_task(
         dtype: Optional[torch.dtype] = None,
         verbose: Optional[bool] = None,
         mixup_smoothing: Optional[float] = None,
+        class_weight: Optional[torch.Tensor] = None,
+        pos_weight: Optional[Union[float, torch.Tensor]] = None,
 ) -> TrainingTask:
     """Build the training task for ``args.tfkd_mode`` from arguments registered by :func:`add_tfkd_args`.
 
@@ -108,6 +112,9 @@ def create_tfkd_task(
         verbose: Log the set-up (default: on rank 0 only, from ``args.rank`` as timm's ``train.py`` sets it).
         mixup_smoothing: The label smoothing the caller's Mixup / CutMix already put into the targets (default: as
             timm's ``train.py`` builds them, ``smoothing`` when Mixup or CutMix is on, else 0).
+        class_weight: Per-class weights (K,) of the cross-entropy part of a Tf-KD loss (e.g. timm's
+            ``resolve_class_weights`` of ``--loss-class-weight``); the KD term is never weighted.
+        pos_weight: Weights of positive targets, for multi-label BCE (``--task multilabel`` with lsr).
 
     Returns:
         The method's task: timm's ClassificationTask for 'none' / 'lsr', :class:`~timm_tfkd.tasks.TfKDRegTask` for
@@ -126,5 +133,6 @@ def create_tfkd_task(
     smoothing = _account_for_mixup(args, method, smoothing, mixup_smoothing, verbose)
     context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
                           num_train_samples=num_train_samples, num_aug_splits=getattr(args, 'aug_splits', 0),
-                          device=device, dtype=dtype, verbose=verbose)
+                          device=device, dtype=dtype, verbose=verbose, class_weight=class_weight,
+                          pos_weight=pos_weight)
     return method.create_task(args, model, context)

@@ -10,6 +10,14 @@ Two formulas exist because the reference code computes something other than the 
 - ``paper``: Eq. 4 / 9 of Yuan et al. (CVPR 2020): KL(p^t_tau || p_tau) averaged over the batch, times tau^2.
 - ``official``: the reference implementation: ``KLDivLoss`` with reduction ``mean`` (divided by batch x K) times
   a multiplier; for reg the teacher is softmax(probability vector / T) and the student has no temperature.
+
+Every loss takes optional per-class weights (``class_weight``, e.g. timm's class-balanced weights from
+``--class-stats``) for its cross-entropy part only; the KD term stays unweighted. The weighted cross-entropy is the
+plain batch mean ``mean_i sum_k w_k t_ik (-log p_ik)``, i.e. ``w_y * CE`` per sample for class indices: the
+convention of torch's ``F.cross_entropy(weight=...)`` for soft targets and of timm's weighted BCE, linear in the
+target (a Mixup target weighs each mixed label by its own class), so class indices and their one-hot targets give
+the same loss. It is not the ``sum(w_y * CE) / sum(w_y)`` that torch uses for class indices, whose normalization
+depends on which labels a batch happens to hold.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -150,24 +158,64 @@ def _softmax_two_valued(logit_true: float, logit_other: float, num_classes: int)
     return TwoValuedTeacher(math.exp(logit_true - log_norm), math.exp(logit_other - log_norm))
 
 
+IDENTITY_TARGET = TwoValuedTeacher(1.0, 0.0)  # the cross-entropy target is the label itself
+
+
+def check_class_weight(class_weight: Optional[torch.Tensor],
+                       num_classes: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Per-class weights of the cross-entropy part: a finite, non-negative 1-D tensor (one value per class).
+
+    Args:
+        class_weight: The weights, or None (every class weighs 1).
+        num_classes: K, once known: the weights must have K entries.
+
+    Returns:
+        The weights as a detached float tensor, or None.
+
+    Raises:
+        ValueError: Not 1-D, empty, negative, not finite, or not K entries.
+    """
+    if class_weight is None:
+        return None
+    weight = torch.as_tensor(class_weight).detach()
+    if not weight.is_floating_point():
+        weight = weight.float()
+    if weight.ndim != 1 or not weight.numel():
+        raise ValueError(f'class_weight must be a 1-D tensor with one weight per class, got shape '
+                         f'{tuple(weight.shape)}')
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ValueError('class_weight must be finite and non-negative')
+    if num_classes is not None and weight.numel() != num_classes:
+        raise ValueError(f'class_weight has {weight.numel()} entries but the logits have {num_classes} classes')
+    return weight
+
+
 class _DistillFunction(torch.autograd.Function):
-    """(1 - alpha) * CE(target, z) + alpha * kd_scale * KL(teacher || softmax(z / tau)), with a hand-written backward.
+    """(1 - alpha) * CE_w(t, z) + alpha * kd_scale * KL(teacher || softmax(z / tau)), with a hand-written backward.
+
+    The cross-entropy part is weighted per class, ``CE_w(t, z) = mean_i sum_k w_k t_ik (-log p_ik)`` (w = 1 without
+    ``class_weight``), against ``t = low + (high - low) * q`` for the label q (class indices or soft targets; ``low``
+    and ``high`` are ``task_target``, the label itself by default, smoothed labels for label smoothing). The KD term
+    is never weighted.
 
     Cross-entropy costs two exponential passes over (B, K) (softmax forward and backward); so does this whole loss,
     because the forward keeps exp(z - max) and exp((z - max) / tau) and the backward reuses them, and the log-softmax
-    itself is never written out: the closed forms need only its row sums and target entries. One autograd node
-    instead of a dozen is the rest of the saving (benchmarks/overhead.py). The gradient is
-    (1 - alpha) * (p * sum(q) - q) + alpha * kd_scale / tau * (p_tau - t), averaged over the batch (t sums to one).
+    itself is never written out: the closed forms need only its row sums (weighted sums with w) and target entries.
+    One autograd node instead of a dozen is the rest of the saving (benchmarks/overhead.py). With a = w * t, the
+    gradient is (1 - alpha) * (p * sum(a) - a) + alpha * kd_scale / tau * (p_tau - teacher), averaged over the batch.
 
-    ``teacher`` is a :class:`TwoValuedTeacher` (then ``target`` holds class indices) or dense (B, K) probabilities;
-    ``target`` holds class indices or soft targets. Returns the loss, then the CE and the scaled KL as
-    non-differentiable values for logging.
+    ``teacher`` is a :class:`TwoValuedTeacher` (then ``target`` holds class indices), dense (B, K) probabilities, or
+    None (no KD term; ``alpha`` must be 0). Returns the loss, then the CE and the scaled KL as non-differentiable
+    values for logging.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, teacher, alpha, kd_scale, temperature):
+    def forward(ctx, logits, target, teacher, alpha, kd_scale, temperature, class_weight=None,
+                task_target=IDENTITY_TARGET):
         # Half-precision logits (autocast) are upcast, as timm's cross-entropy is under autocast.
         z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        weight = None if class_weight is None else class_weight.to(device=z.device, dtype=z.dtype)
+        low, spread = task_target.p_other, task_target.p_true - task_target.p_other
         shifted = z - z.amax(dim=-1, keepdim=True)
         exp_shifted = shifted.exp()
         exp_shifted_tau = exp_shifted if temperature == 1.0 else (shifted / temperature).exp_()
@@ -175,12 +223,28 @@ class _DistillFunction(torch.autograd.Function):
         log_norm_tau = log_norm if temperature == 1.0 else exp_shifted_tau.sum(dim=-1, keepdim=True).log_()
         # log p = shifted - log_norm and log p_tau = shifted / tau - log_norm_tau, never materialized.
         if target.ndim == 2:
-            target = target.to(z.dtype)
-            task_rows = log_norm.squeeze(1) * target.sum(dim=-1) - (target * shifted).sum(dim=-1)
+            # a = w * t, dense; the CE row is log_norm * sum(a) - <a, shifted>.
+            task_mass = target.to(z.dtype)
+            if (low, spread) != (0.0, 1.0):
+                task_mass = low + spread * task_mass
+            if weight is not None:
+                task_mass = task_mass * weight
+            task_rows = log_norm.squeeze(1) * task_mass.sum(dim=-1) - (task_mass * shifted).sum(dim=-1)
+            saved_task = task_mass
         else:
+            # a = low * w + spread * w_y * e_y, never written out.
             shifted_true = shifted.gather(1, target.unsqueeze(1)).squeeze(1)
-            task_rows = log_norm.squeeze(1) - shifted_true
-        if isinstance(teacher, TwoValuedTeacher):
+            weight_true = 1.0 if weight is None else weight[target]
+            task_rows = spread * weight_true * (log_norm.squeeze(1) - shifted_true)
+            if low > 0.0:
+                weighted_sum = shifted.sum(dim=-1) if weight is None else shifted @ weight
+                total_weight = z.shape[-1] if weight is None else weight.sum()
+                task_rows = task_rows + low * (total_weight * log_norm.squeeze(1) - weighted_sum)
+            saved_task = target
+        if teacher is None:
+            kl_rows = torch.zeros_like(task_rows)
+            ctx.teacher, dense_teacher = None, None
+        elif isinstance(teacher, TwoValuedTeacher):
             log_prob_tau_true = shifted_true / temperature - log_norm_tau.squeeze(1)
             kl_rows = teacher.neg_entropy(z.shape[-1]) - (teacher.p_true - teacher.p_other) * log_prob_tau_true
             if teacher.p_other > 0.0:
@@ -197,36 +261,65 @@ class _DistillFunction(torch.autograd.Function):
         kd_loss = kd_scale * kl_rows.mean()
         same = temperature == 1.0
         ctx.save_for_backward(exp_shifted, log_norm, None if same else exp_shifted_tau, None if same else log_norm_tau,
-                              target, dense_teacher)
-        ctx.coefs = (1.0 - alpha, alpha * kd_scale / temperature, logits.dtype)
+                              saved_task, dense_teacher, weight)
+        ctx.coefs = (1.0 - alpha, 0.0 if teacher is None else alpha * kd_scale / temperature, logits.dtype)
+        ctx.task_target = (low, spread)
         ctx.mark_non_differentiable(task_loss, kd_loss)
         loss = (1.0 - alpha) * task_loss + alpha * kd_loss
         return loss.to(logits.dtype), task_loss, kd_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_task, _grad_kd):
-        exp_shifted, log_norm, exp_shifted_tau, log_norm_tau, target, dense_teacher = ctx.saved_tensors
+        exp_shifted, log_norm, exp_shifted_tau, log_norm_tau, task, dense_teacher, weight = ctx.saved_tensors
         task_coef, kd_coef, dtype = ctx.coefs
+        low, spread = ctx.task_target
         scale = grad_loss.to(exp_shifted.dtype) / exp_shifted.shape[0]
         task_coef, kd_coef = task_coef * scale, kd_coef * scale
         inv_norm = log_norm.neg().exp_()
-        # p = exp_shifted * inv_norm; soft targets weigh p by their row sum.
-        task_weight = inv_norm * task_coef if target.ndim == 1 else inv_norm * (task_coef * target.sum(-1, True))
+        # p = exp_shifted * inv_norm, weighed by sum(a) per row.
+        if task.ndim == 2:
+            task_weight = inv_norm * (task_coef * task.sum(-1, True))
+        else:
+            weight_true = 1.0 if weight is None else weight[task].unsqueeze(1)
+            mass = spread * weight_true
+            if low > 0.0:
+                mass = mass + low * (exp_shifted.shape[-1] if weight is None else weight.sum())
+            task_weight = inv_norm * (task_coef * mass)
         if exp_shifted_tau is None:
             grad = exp_shifted * (task_weight + inv_norm * kd_coef)
         else:
             grad = (exp_shifted * task_weight).addcmul_(exp_shifted_tau, log_norm_tau.neg().exp_() * kd_coef)
         if dense_teacher is not None:
             grad.sub_(dense_teacher * kd_coef)
-        else:
+        elif ctx.teacher is not None and ctx.teacher.p_other > 0.0:
             grad.sub_(kd_coef * ctx.teacher.p_other)
-        if target.ndim == 2:
-            grad.sub_(target * task_coef)
+        if task.ndim == 2:
+            grad.sub_(task * task_coef)
         else:
-            on_target = task_coef if ctx.teacher is None else task_coef + kd_coef * (
-                ctx.teacher.p_true - ctx.teacher.p_other)
-            grad.scatter_add_(1, target.unsqueeze(1), (-on_target).expand(grad.shape[0], 1))
-        return grad.to(dtype), None, None, None, None, None
+            if low > 0.0:
+                grad.sub_(task_coef * low if weight is None else weight * (task_coef * low))
+            on_target = task_coef * spread * weight_true
+            if ctx.teacher is not None:
+                on_target = on_target + kd_coef * (ctx.teacher.p_true - ctx.teacher.p_other)
+            if not isinstance(on_target, torch.Tensor) or on_target.ndim == 0:
+                on_target = torch.as_tensor(on_target, dtype=grad.dtype, device=grad.device).expand(grad.shape[0], 1)
+            grad.scatter_add_(1, task.unsqueeze(1), -on_target)
+        return grad.to(dtype), None, None, None, None, None, None, None
+
+
+def _register_class_weight(module: nn.Module, class_weight: Optional[torch.Tensor]) -> None:
+    """Keep the weights as a buffer, so that ``.to(device)`` moves them with the loss."""
+    module.register_buffer('class_weight', check_class_weight(class_weight), persistent=False)
+
+
+def _class_weight_for(module: nn.Module, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    if module.class_weight is None:
+        return None
+    return check_class_weight(module.class_weight, logits.shape[-1])
+
+
+def _weight_repr(module: nn.Module) -> str:
+    return '' if module.class_weight is None else f', class_weight=({module.class_weight.numel()} classes)'
 
 
 def clean_split_size(batch: int, num_splits: int) -> int:
@@ -240,7 +333,8 @@ def clean_split_size(batch: int, num_splits: int) -> int:
     return batch // num_splits
 
 
-def clean_split_terms(kd: LossTerms, logits: torch.Tensor, target: torch.Tensor, alpha: float) -> LossTerms:
+def clean_split_terms(kd: LossTerms, logits: torch.Tensor, target: torch.Tensor, alpha: float,
+                      class_weight: Optional[torch.Tensor] = None) -> LossTerms:
     """A Tf-KD loss on AugMix splits: ``(1 - alpha) * CE`` averaged over every split (as timm's criterion sees the
     whole batch) ``+ alpha * KD`` averaged over the clean split, whose views alone the KD term compares.
 
@@ -252,9 +346,15 @@ def clean_split_terms(kd: LossTerms, logits: torch.Tensor, target: torch.Tensor,
         logits: Student logits of the whole batch (N x B, K).
         target: Its class indices or soft targets.
         alpha: Weight of the KD term.
+        class_weight: Per-class weights of the cross-entropy, in this module's convention (a plain batch mean of
+            ``sum_k w_k t_k (-log p_k)``); None: unweighted.
     """
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    cross_entropy = F.cross_entropy(z, target if target.ndim == 1 else target.to(z.dtype))
+    log_probs = F.log_softmax(z, dim=-1)
+    soft_target = F.one_hot(target, z.shape[-1]).to(z.dtype) if target.ndim == 1 else target.to(z.dtype)
+    if class_weight is not None:
+        soft_target = soft_target * class_weight.to(z.dtype)
+    cross_entropy = -(soft_target * log_probs).sum(dim=-1).mean()
     loss = (1.0 - alpha) * cross_entropy + alpha * kd.loss
     return LossTerms(loss.to(logits.dtype), cross_entropy.detach(), kd.kd)
 
@@ -278,6 +378,8 @@ class VirtualTeacherLoss(nn.Module):
         correct_prob: Teacher probability on the true class, in (1/K, 1].
         formula: 'paper' or 'official'.
         multiplier: Extra factor on the KL term, > 0.
+        class_weight: Per-class weights (K,) of the cross-entropy part (module docstring); the KL term is not
+            weighted. None: every class weighs 1.
     """
 
     def __init__(
@@ -287,6 +389,7 @@ class VirtualTeacherLoss(nn.Module):
             correct_prob: float = DEFAULT_CORRECT_PROB,
             formula: str = 'paper',
             multiplier: float = 1.0,
+            class_weight: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         self.alpha = check_unit_interval('alpha', alpha)
@@ -294,10 +397,11 @@ class VirtualTeacherLoss(nn.Module):
         self.correct_prob = check_correct_prob('correct_prob', correct_prob)
         self.formula = check_choice('formula', formula, FORMULAS)
         self.multiplier = check_positive('multiplier', multiplier)
+        _register_class_weight(self, class_weight)
 
     def extra_repr(self) -> str:
         return (f'alpha={self.alpha}, temperature={self.temperature}, correct_prob={self.correct_prob}, '
-                f'formula={self.formula}, multiplier={self.multiplier}')
+                f'formula={self.formula}, multiplier={self.multiplier}{_weight_repr(self)}')
 
     def _other_prob(self, num_classes: int) -> float:
         check_correct_prob('correct_prob', self.correct_prob, num_classes)
@@ -331,7 +435,7 @@ class VirtualTeacherLoss(nn.Module):
         if num_splits > 1:
             clean = clean_split_size(logits.shape[0], num_splits)
             kd = self._terms(logits[:clean], target[:clean], soft, alpha=1.0)
-            return clean_split_terms(kd, logits, target, self.alpha)
+            return clean_split_terms(kd, logits, target, self.alpha, _class_weight_for(self, logits))
         return self._terms(logits, target, soft, self.alpha)
 
     def _terms(self, logits: torch.Tensor, target: torch.Tensor, soft: bool, alpha: float) -> LossTerms:
@@ -341,7 +445,8 @@ class VirtualTeacherLoss(nn.Module):
             kd_scale, student_temperature = self.multiplier / num_classes, 1.0
         else:
             kd_scale, student_temperature = self.multiplier * self.temperature ** 2, self.temperature
-        return LossTerms(*_DistillFunction.apply(logits, target, teacher, alpha, kd_scale, student_temperature))
+        return LossTerms(*_DistillFunction.apply(logits, target, teacher, alpha, kd_scale, student_temperature,
+                                                 _class_weight_for(self, logits)))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The reg loss, a scalar averaged over the batch.
@@ -365,19 +470,22 @@ class SelfDistillLoss(nn.Module):
         temperature: Softmax temperature tau, > 0.
         formula: 'paper' or 'official'.
         multiplier: Extra factor m on the KL term, > 0.
+        class_weight: Per-class weights (K,) of the cross-entropy part (module docstring); the KL term is not
+            weighted. None: every class weighs 1.
     """
 
     def __init__(self, alpha: float = DEFAULT_ALPHA, temperature: float = DEFAULT_TEMPERATURE, formula: str = 'paper',
-                 multiplier: float = 1.0):
+                 multiplier: float = 1.0, class_weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.alpha = check_unit_interval('alpha', alpha)
         self.temperature = check_positive('temperature', temperature)
         self.formula = check_choice('formula', formula, FORMULAS)
         self.multiplier = check_positive('multiplier', multiplier)
+        _register_class_weight(self, class_weight)
 
     def extra_repr(self) -> str:
         return (f'alpha={self.alpha}, temperature={self.temperature}, formula={self.formula}, '
-                f'multiplier={self.multiplier}')
+                f'multiplier={self.multiplier}{_weight_repr(self)}')
 
     def terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
               num_splits: int = 1) -> LossTerms:
@@ -405,8 +513,9 @@ class SelfDistillLoss(nn.Module):
         if num_splits > 1:
             kd = LossTerms(*_DistillFunction.apply(logits[:clean], target[:clean], teacher, 1.0, kd_scale,
                                                    self.temperature))
-            return clean_split_terms(kd, logits, target, self.alpha)
-        return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, self.temperature))
+            return clean_split_terms(kd, logits, target, self.alpha, _class_weight_for(self, logits))
+        return LossTerms(*_DistillFunction.apply(logits, target, teacher, self.alpha, kd_scale, self.temperature,
+                                                 _class_weight_for(self, logits)))
 
     def forward(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The distillation loss, a scalar averaged over the batch.
@@ -425,20 +534,23 @@ class LabelSmoothingLoss(nn.Module):
     - ``timm``: 1 - eps + eps / K on the true class, eps / K on every other (timm's LabelSmoothingCrossEntropy).
     - ``reference``: 1 - eps on the true class, eps / (K - 1) on every other (the Tf-KD reference code).
 
-    Soft targets q get the same affine map: ``low + (high - low) * q``.
+    Soft targets q get the same affine map: ``low + (high - low) * q``. With ``class_weight`` the whole loss (it is
+    all cross-entropy) is the weighted cross-entropy of the module docstring against the smoothed target.
 
     Args:
         smoothing: eps, in [0, 1).
         convention: 'timm' or 'reference'.
+        class_weight: Per-class weights (K,); None: every class weighs 1.
     """
 
-    def __init__(self, smoothing: float = 0.1, convention: str = 'timm'):
+    def __init__(self, smoothing: float = 0.1, convention: str = 'timm', class_weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.smoothing = check_smoothing('smoothing', smoothing)
         self.convention = check_choice('convention', convention, SMOOTHING_CONVENTIONS)
+        _register_class_weight(self, class_weight)
 
     def extra_repr(self) -> str:
-        return f'smoothing={self.smoothing}, convention={self.convention}'
+        return f'smoothing={self.smoothing}, convention={self.convention}{_weight_repr(self)}'
 
     def smoothed_target(self, num_classes: int) -> TwoValuedTeacher:
         """Smoothed target probabilities (true class, each other class)."""
@@ -454,16 +566,12 @@ class LabelSmoothingLoss(nn.Module):
             logits: Logits (B, K).
             target: Class indices (B,) or soft targets (B, K) whose rows sum to 1 (Mixup / CutMix).
         """
-        soft = check_target(logits, target)
+        check_target(logits, target)
         smoothed = self.smoothed_target(logits.shape[-1])
-        if soft:
-            smoothed = smoothed.p_other + (smoothed.p_true - smoothed.p_other) * target
-            entropy = -torch.xlogy(smoothed, smoothed).sum(dim=-1).mean()
-        else:
-            entropy = -smoothed.neg_entropy(logits.shape[-1])
-        # H(t, p) = KL(t || p) + H(t): the KL-only function plus the (gradient-free) entropy of the target.
-        loss, _, _ = _DistillFunction.apply(logits, target, smoothed, 1.0, 1.0, 1.0)
-        return loss + entropy
+        # The cross-entropy part alone (alpha 0, no KD term), against the smoothed label.
+        loss, _, _ = _DistillFunction.apply(logits, target, None, 0.0, 1.0, 1.0, _class_weight_for(self, logits),
+                                            smoothed)
+        return loss
 
 
 def effective_smoothing(

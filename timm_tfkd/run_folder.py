@@ -40,16 +40,31 @@ LOCK_PATIENCE_S = 1.0
 INVOCATIONS_FILE = 'invocations.jsonl'
 # The validation metrics every run reports (summary.csv's eval_<name>; see row_metrics for a run with an EMA).
 METRIC_NAMES = ('top1', 'top5', 'nll', 'ece')
+# A multi-label run (--task multilabel) reports timm's multi-label metrics instead: mAP, micro / macro / sample F1
+# (percent) and the BCE loss.
+MULTILABEL_METRIC_NAMES = ('map', 'micro_f1', 'macro_f1', 'sample_f1', 'loss')
+MULTILABEL_TASK = 'multilabel'
 
 
-def row_metrics(row: Mapping[str, Optional[float]]) -> Tuple[Optional[Dict[str, float]], Optional[Dict[str, float]]]:
-    """The validation metrics of the model and of its EMA in a ``summary.csv`` row.
+def metric_names(task: Optional[str]) -> Tuple[str, ...]:
+    """The validation metrics a run of ``task`` (``classification`` when None) reports."""
+    return MULTILABEL_METRIC_NAMES if task == MULTILABEL_TASK else METRIC_NAMES
+
+
+def headline_metric(task: Optional[str]) -> str:
+    """The metric that says which of two sets of weights is better: top-1, or mAP for multi-label runs."""
+    return metric_names(task)[0]
+
+
+def row_metrics(row: Mapping[str, Optional[float]], task: Optional[str] = None
+                ) -> Tuple[Optional[Dict[str, float]], Optional[Dict[str, float]]]:
+    """The validation metrics of the model and of its EMA in a ``summary.csv`` row of a run of ``task``.
 
     As in timm, a run that validates an EMA writes the EMA's metrics as ``eval_*`` and, here, the model's as
     ``eval_model_*``; runs of timm-tfkd 0.1 wrote the model's as ``eval_*`` and the EMA's as ``eval_ema_*``.
     """
     def metrics(prefix: str) -> Optional[Dict[str, float]]:
-        found = {name: row.get(prefix + name) for name in METRIC_NAMES}
+        found = {name: row.get(prefix + name) for name in metric_names(task)}
         return {k: v for k, v in found.items() if v is not None} or None
 
     if metrics('eval_model_'):
@@ -84,6 +99,7 @@ class RunRecord:
         best_epoch: Epoch of ``model_best.pth.tar``.
         epochs_trained: Epochs completed so far.
         finished: Whether the run trained every epoch of its schedule (False while running, or when stopped).
+        task: ``classification`` or ``multilabel`` (timm's ``--task``); it decides the metrics (:func:`metric_names`).
     """
     model: str
     num_classes: int
@@ -102,6 +118,7 @@ class RunRecord:
     best_epoch: Optional[int] = None
     epochs_trained: Optional[int] = None
     finished: Optional[bool] = None
+    task: str = 'classification'
 
     REQUIRED = ('model', 'num_classes', 'in_chans', 'data_config', 'tfkd')
 

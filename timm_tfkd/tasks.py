@@ -124,7 +124,7 @@ class TfKDSelfTask(TrainingTask):
             raise TypeError(f'TfKDSelfTask needs a SelfTeacher, got {type(teacher).__name__}')
         self.trainable_module = model
         self.teacher = teacher.to(self.device)
-        self.criterion = criterion
+        self.criterion = criterion.to(self.device)  # its class weights, if any, live where the logits are
         self.num_splits = num_splits
         student_classes = unwrap_model(model).num_classes
         if teacher.num_classes != student_classes:

@@ -6,7 +6,7 @@ import yaml
 
 from ..methods import Method, get_method
 from ..models import registered_here
-from ..run_folder import METRIC_NAMES, RunRecord
+from ..run_folder import MULTILABEL_TASK, RunRecord, headline_metric, metric_names
 from .files import CONFIG_FILE, CURVES_FILE, METADATA_FILE, WEIGHTS_FILE
 
 RECIPE_FIELDS = (
@@ -35,8 +35,8 @@ PAPER_BIBTEX = """@inproceedings{yuan2020revisiting,
 }"""
 
 
-def plot_curves(summary: List[Dict[str, Optional[float]]], path: Path) -> None:
-    """Loss and top-1 per epoch, side by side."""
+def plot_curves(summary: List[Dict[str, Optional[float]]], path: Path, task: Optional[str] = None) -> None:
+    """Loss and top-1 (multi-label: mAP) per epoch, side by side."""
     # matplotlib is only needed here; its Figure API avoids pyplot's process-wide backend state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -49,7 +49,8 @@ def plot_curves(summary: List[Dict[str, Optional[float]]], path: Path) -> None:
         # With an EMA, eval_* are its metrics and eval_model_* the model's (eval_ema_*: runs of timm-tfkd 0.1).
         (loss_ax, 'Loss', ('train_loss', 'train_task_loss', 'train_kd_loss', 'eval_loss', 'eval_model_loss',
                            'eval_ema_loss')),
-        (top1_ax, 'Top-1 accuracy (%)', ('eval_top1', 'eval_model_top1', 'eval_ema_top1')),
+        (top1_ax, 'mAP (%)' if task == MULTILABEL_TASK else 'Top-1 accuracy (%)',
+         tuple(f'eval_{prefix}{headline_metric(task)}' for prefix in ('', 'model_', 'ema_'))),
     )
     for ax, title, columns in panels:
         for column in columns:
@@ -73,17 +74,23 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+PERCENT_METRICS = ('top1', 'top5', 'map', 'micro_f1', 'macro_f1', 'sample_f1')
+METRIC_HEADERS = {'top1': 'Top-1', 'top5': 'Top-5', 'nll': 'NLL', 'ece': 'ECE', 'map': 'mAP', 'micro_f1': 'F1 micro',
+                  'macro_f1': 'F1 macro', 'sample_f1': 'F1 sample', 'loss': 'BCE loss'}
+
+
 def _format_metric(metrics: Dict[str, float], name: str) -> str:
     value = metrics.get(name)
     if value is None:
         return '–'
-    return f'{value:.2f}' if name in ('top1', 'top5') else f'{value:.4f}'
+    return f'{value:.2f}' if name in PERCENT_METRICS else f'{value:.4f}'
 
 
-def _metrics_row(label: str, epoch: Optional[int], metrics: Optional[Dict[str, float]]) -> Optional[str]:
+def _metrics_row(label: str, epoch: Optional[int], metrics: Optional[Dict[str, float]],
+                 task: Optional[str]) -> Optional[str]:
     if not metrics:
         return None
-    cells = [label, '–' if epoch is None else str(epoch)] + [_format_metric(metrics, n) for n in METRIC_NAMES]
+    cells = [label, '–' if epoch is None else str(epoch)] + [_format_metric(metrics, n) for n in metric_names(task)]
     return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -177,20 +184,27 @@ def _card_training_section(meta: Dict[str, Any], args: Dict[str, Any]) -> List[s
 
 
 def _card_metrics_section(meta: Dict[str, Any], final_epoch: Optional[int]) -> List[str]:
-    export = meta['export']
+    export, task = meta['export'], meta.get('task')
     exported = f"exported ({export['checkpoint']}, {'EMA' if export['ema'] else 'model'} weights)"
     rows = [
-        _metrics_row(exported, export['epoch'], export['metrics']),
-        _metrics_row('final epoch, model', final_epoch, meta.get('final_metrics')),
-        _metrics_row('final epoch, EMA', final_epoch, meta.get('final_ema_metrics')),
+        _metrics_row(exported, export['epoch'], export['metrics'], task),
+        _metrics_row('final epoch, model', final_epoch, meta.get('final_metrics'), task),
+        _metrics_row('final epoch, EMA', final_epoch, meta.get('final_ema_metrics'), task),
     ]
     split = meta.get('eval_split') or 'evaluation'
     dataset = meta.get('dataset') or 'the training dataset'
+    if task == MULTILABEL_TASK:
+        what = ("multi-label (independent sigmoid per class): mean average precision (mAP) and micro, macro and "
+                "per-sample F1 at the training's --multilabel-threshold in %, binary cross-entropy (BCE) loss.")
+    else:
+        what = ('top-1 and top-5 accuracy in %, negative log-likelihood (NLL) in nats, expected calibration error '
+                '(ECE).')
+    names = metric_names(task)
     return [
         '## Metrics', '',
-        f'On the `{split}` split of `{dataset}`: top-1 and top-5 accuracy in %, negative log-likelihood (NLL) '
-        f'in nats, expected calibration error (ECE).', '',
-        '| Weights | Epoch | Top-1 | Top-5 | NLL | ECE |', '|---|---|---|---|---|---|',
+        f'On the `{split}` split of `{dataset}`: {what}', '',
+        '| Weights | Epoch | ' + ' | '.join(METRIC_HEADERS[n] for n in names) + ' |',
+        '|---|---|' + '---|' * len(names),
         *[row for row in rows if row],
     ]
 

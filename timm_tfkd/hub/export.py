@@ -20,7 +20,7 @@ from ..checkpoint_io import EMA_STATE_DICT_KEYS, extract_state_dict, read_checkp
 from ..errors import ExportError
 from ..methods import registered_flags
 from ..models import registered_here
-from ..run_folder import RunFolder, RunRecord, row_metrics
+from ..run_folder import RunFolder, RunRecord, headline_metric, row_metrics
 from ..version import __version__
 from .card import model_card, plot_curves
 from .files import (
@@ -68,11 +68,13 @@ def _read_run(run_dir: Path) -> _Run:
     return _Run(folder, record, folder.read_args(), summary)
 
 
-def _ema_was_better(row: Optional[Mapping[str, Any]]) -> bool:
-    model, ema = row_metrics(row) if row is not None else (None, None)
-    if not model or not ema or 'top1' not in model or 'top1' not in ema:
+def _ema_was_better(row: Optional[Mapping[str, Any]], task: Optional[str]) -> bool:
+    """The EMA's headline metric (top-1, multi-label: mAP) beat the model's."""
+    name = headline_metric(task)
+    model, ema = row_metrics(row, task) if row is not None else (None, None)
+    if not model or not ema or name not in model or name not in ema:
         return False
-    return ema['top1'] > model['top1']
+    return ema[name] > model[name]
 
 
 def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) -> _Selection:
@@ -82,7 +84,7 @@ def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) ->
         run: The parsed run folder.
         checkpoint: 'best', 'last' or a checkpoint file.
         use_ema: True / False forces the choice; None takes the EMA weights only when they exist and their
-            eval top-1 beat the plain model's at the checkpoint's epoch in summary.csv.
+            eval top-1 (multi-label: mAP) beat the plain model's at the checkpoint's epoch in summary.csv.
     """
     path = run.folder.checkpoint(checkpoint)
     state = read_checkpoint(str(path))
@@ -90,14 +92,14 @@ def _select_weights(run: _Run, checkpoint: PathLike, use_ema: Optional[bool]) ->
     row = next((row for row in run.summary if row['epoch'] == epoch), None) if epoch is not None else None
     if use_ema is None:
         has_ema = any(isinstance(state.get(key), dict) for key in EMA_STATE_DICT_KEYS)
-        use_ema = has_ema and _ema_was_better(row)
+        use_ema = has_ema and _ema_was_better(row, run.record.task)
         _logger.info('Exporting %s weights of %s (epoch %s)', 'EMA' if use_ema else 'model', path.name, epoch)
     return _Selection(
         state_dict=extract_state_dict(state, use_ema=use_ema),
         checkpoint_name=path.name,
         epoch=epoch,
         ema=use_ema,
-        metrics=row_metrics(row)[1 if use_ema else 0] if row is not None else None,
+        metrics=row_metrics(row, run.record.task)[1 if use_ema else 0] if row is not None else None,
     )
 
 
@@ -183,6 +185,7 @@ def _metadata(run: _Run, selection: _Selection, weights_sha256: str) -> Dict[str
         'model': record.model,
         'num_classes': record.num_classes,
         'in_chans': record.in_chans,
+        'task': record.task,
         'tfkd': _public_tfkd(record.tfkd),
         'dataset': record.dataset,
         'train_split': record.train_split,
@@ -233,7 +236,7 @@ def _write_export(run: _Run, selection: _Selection, folder: Path, repo_id: Optio
     _write_weights_and_config(model, run, license_id, folder)
     meta = _metadata(run, selection, sha256_file(folder / WEIGHTS_FILE))
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + '\n', encoding='utf-8')
-    plot_curves(run.summary, folder / CURVES_FILE)
+    plot_curves(run.summary, folder / CURVES_FILE, run.record.task)
     card = model_card(run.record, run.args, meta, license_id, repo_id, final_epoch=run.summary[-1]['epoch'])
     (folder / CARD_FILE).write_text(card, encoding='utf-8')
 

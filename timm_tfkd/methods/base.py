@@ -6,7 +6,7 @@ card) asks the registry, so no other module needs to know a method's name.
 """
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -88,6 +88,9 @@ class TaskContext:
         device: Device of the task (and teacher).
         dtype: Dtype of task tensors.
         verbose: Log the set-up.
+        class_weight: Per-class weights (K,) of the cross-entropy part of the method's loss (``--class-stats`` /
+            ``--loss-class-weight``), or None; the KD term is never weighted.
+        pos_weight: Weights of positive targets, for a multi-label BCE loss (``--loss-pos-weight``), or None.
     """
     criterion: Optional[nn.Module] = None
     smoothing: float = 0.0
@@ -98,6 +101,8 @@ class TaskContext:
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
     verbose: bool = True
+    class_weight: Optional[torch.Tensor] = None
+    pos_weight: Optional[Union[float, torch.Tensor]] = None
 
 
 class Method:
@@ -117,6 +122,8 @@ class Method:
         jsd_loss: ``--jsd-loss`` (timm's ``JsdCrossEntropy``, cross-entropy on the clean split plus the
             Jensen-Shannon consistency of the splits) can be its loss; refused otherwise, since it would replace the
             method's loss rather than add to it.
+        supports_multilabel: It defines a loss for ``--task multilabel`` (independent binary labels); the others are
+            refused with it until they define one.
     """
     name: str = ''
     description: str = ''
@@ -126,6 +133,7 @@ class Method:
     smoothing: str = SMOOTHING_EXPLICIT
     aug_splits: str = AUG_SPLITS_CLEAN_KD
     jsd_loss: bool = False
+    supports_multilabel: bool = False
 
     def check(self, args: argparse.Namespace, num_classes: Optional[int] = None) -> None:
         """Refuse settings that cannot work, before anything is built.
@@ -137,18 +145,23 @@ class Method:
         Raises:
             ValueError: One line naming the flag.
         """
+        if getattr(args, 'task', 'classification') == 'multilabel' and not self.supports_multilabel:
+            raise ValueError(f'--task multilabel is not defined for --tfkd-mode {self.name} (its distillation term is '
+                             f'a softmax over the classes) and is refused until defined; use --tfkd-mode none or lsr')
         for flag in self.flags:
             flag.validate(getattr(args, flag.dest))
         if getattr(args, 'jsd_loss', False) and not self.jsd_loss:
             raise ValueError(f"--jsd-loss (timm's cross-entropy + Jensen-Shannon loss) would replace the loss of "
                              f"--tfkd-mode {self.name}, not add to it; use it with --tfkd-mode none or lsr")
 
-    def create_loss(self, args: argparse.Namespace, smoothing: float) -> Optional[nn.Module]:
-        """The method's criterion from parsed arguments (None when it uses the criterion timm built).
+    def create_loss(self, args: argparse.Namespace, smoothing: float,
+                    class_weight: Optional[torch.Tensor] = None) -> Optional[nn.Module]:
+        """The method's single-label criterion from parsed arguments (None when it uses the criterion timm built).
 
         Args:
             args: Parsed arguments with the "Tf-KD parameters" group.
             smoothing: Label smoothing after the smoothing policy (the epsilon of label smoothing itself).
+            class_weight: Per-class weights (K,) of the cross-entropy part, or None.
         """
         return None
 

@@ -1,6 +1,10 @@
-"""``--tfkd-mode lsr``: label smoothing, the control Tf-KD is compared with, in timm's or the reference convention."""
-from timm.loss import JsdCrossEntropy
-from timm.task import ClassificationTask
+"""``--tfkd-mode lsr``: label smoothing, the control Tf-KD is compared with, in timm's or the reference convention.
+
+With ``--task multilabel`` it is timm's multi-label label smoothing: BCE against each binary label moved towards 0.5
+by epsilon, ``t * (1 - eps) + eps / 2``, applied by the loss (never folded into Mixup targets as well).
+"""
+from timm.loss import JsdCrossEntropy, create_classification_loss
+from timm.task import ClassificationTask, MultiLabelClassificationTask
 
 from ..losses import SMOOTHING_CONVENTIONS, LabelSmoothingLoss
 from .base import AUG_SPLITS_ALL, SMOOTHING_EPSILON, Flag, Method
@@ -23,18 +27,30 @@ class LabelSmoothing(Method):
     smoothing = SMOOTHING_EPSILON
     aug_splits = AUG_SPLITS_ALL
     jsd_loss = True
+    supports_multilabel = True
 
     def check(self, args, num_classes=None):
         super().check(args, num_classes)
         if getattr(args, 'jsd_loss', False) and args.tfkd_smoothing_convention != 'timm':
             raise ValueError("--jsd-loss smooths its cross-entropy in timm's convention only; drop "
                              "--tfkd-smoothing-convention reference or --jsd-loss")
+        if getattr(args, 'task', 'classification') == 'multilabel' and args.tfkd_smoothing_convention != 'timm':
+            raise ValueError(f'--tfkd-smoothing-convention {args.tfkd_smoothing_convention} is not defined for '
+                             f"--task multilabel (binary labels are smoothed towards 0.5, timm's convention) and is "
+                             f'refused until defined')
 
-    def create_loss(self, args, smoothing):
-        if getattr(args, 'jsd_loss', False):
+    def create_loss(self, args, smoothing, class_weight=None):
+        if getattr(args, 'jsd_loss', False):  # the policy refuses class weights with it
             return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=smoothing)
-        return LabelSmoothingLoss(smoothing, args.tfkd_smoothing_convention)
+        return LabelSmoothingLoss(smoothing, args.tfkd_smoothing_convention, class_weight=class_weight)
 
     def create_task(self, args, model, context):
-        return ClassificationTask(model, self.create_loss(args, context.smoothing), device=context.device,
-                                  dtype=context.dtype, verbose=context.verbose)
+        if getattr(args, 'task', 'classification') == 'multilabel':
+            criterion = create_classification_loss(
+                loss_type='bce', multi_label=True, smoothing=context.smoothing, soft_targets=False,
+                class_weight=context.class_weight, pos_weight=context.pos_weight,
+                bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum)
+            return MultiLabelClassificationTask(model, criterion, threshold=args.multilabel_threshold,
+                                                device=context.device, dtype=context.dtype, verbose=context.verbose)
+        return ClassificationTask(model, self.create_loss(args, context.smoothing, context.class_weight),
+                                  device=context.device, dtype=context.dtype, verbose=context.verbose)

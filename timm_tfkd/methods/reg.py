@@ -28,12 +28,12 @@ class VirtualTeacher(Method):
         super().check(args, num_classes)
         check_correct_prob(CORRECT_PROB.option, args.tfkd_correct_prob, num_classes)
 
-    def create_loss(self, args, smoothing):
+    def create_loss(self, args, smoothing, class_weight=None):
         return VirtualTeacherLoss(args.tfkd_alpha, args.tfkd_temperature, args.tfkd_correct_prob, args.tfkd_formula,
-                                  args.tfkd_multiplier)
+                                  args.tfkd_multiplier, class_weight=class_weight)
 
     def create_task(self, args, model, context):
-        loss = self.create_loss(args, context.smoothing)
+        loss = self.create_loss(args, context.smoothing, context.class_weight)
         loss.softened_teacher(unwrap_model(model).num_classes)  # checks correct_prob > 1/K before training starts
         return TfKDRegTask(model, loss, device=context.device, dtype=context.dtype, verbose=context.verbose,
                            num_splits=context.num_aug_splits)

@@ -24,8 +24,9 @@ class TeacherDistillation(Method):
         if not args.tfkd_teacher_checkpoint:
             raise ValueError(f'--tfkd-mode {self.name} needs --tfkd-teacher-checkpoint (the trained teacher weights)')
 
-    def create_loss(self, args, smoothing):
-        return SelfDistillLoss(args.tfkd_alpha, args.tfkd_temperature, args.tfkd_formula, args.tfkd_multiplier)
+    def create_loss(self, args, smoothing, class_weight=None):
+        return SelfDistillLoss(args.tfkd_alpha, args.tfkd_temperature, args.tfkd_formula, args.tfkd_multiplier,
+                               class_weight=class_weight)
 
     def create_task(self, args, model, context):
         teacher = context.teacher
@@ -33,8 +34,9 @@ class TeacherDistillation(Method):
             default_model = getattr(args, 'model', None) if self.teacher_is_student_architecture else None
             teacher = create_teacher_from_args(args, model, context.data_config, device=context.device,
                                                default_model=default_model)
-        return TfKDSelfTask(model, teacher, self.create_loss(args, context.smoothing), device=context.device,
-                            dtype=context.dtype, verbose=context.verbose, num_splits=context.num_aug_splits)
+        return TfKDSelfTask(model, teacher, self.create_loss(args, context.smoothing, context.class_weight),
+                            device=context.device, dtype=context.dtype, verbose=context.verbose,
+                            num_splits=context.num_aug_splits)
 
     def describe(self, args):
         teacher = args.tfkd_teacher_model or (getattr(args, 'model', None) if self.teacher_is_student_architecture

@@ -14,7 +14,7 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.task import TrainingTask
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
-from timm.utils import NativeScaler
+from timm.utils import NativeScaler, unwrap_model
 
 from ..dtypes import DTYPES
 from ..errors import UsageError
@@ -22,6 +22,7 @@ from ..factory import create_tfkd_task
 from ..methods import get_method
 from ..pretrained import pretrained_unavailable
 from ..run_folder import architecture_kwargs
+from .weights import LossWeights, pos_weight_value, resolve_loss_weights
 
 _logger = logging.getLogger(__name__)
 
@@ -125,24 +126,49 @@ def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device
     return model
 
 
-def create_timm_criterion(args: argparse.Namespace, smoothing: float, mixup_active: bool) -> nn.Module:
+def create_timm_criterion(args: argparse.Namespace, smoothing: float, mixup_active: bool,
+                          weights: Optional[LossWeights] = None) -> nn.Module:
     """The criterion timm's ``train.py`` would use (Tf-KD off), through timm's loss factory; with ``--jsd-loss``
-    timm's Jensen-Shannon loss over the AugMix splits, smoothed as timm smooths it."""
+    timm's Jensen-Shannon loss over the AugMix splits, smoothed as timm smooths it (the policy refuses loss weights
+    with it: it takes none).
+
+    Raises:
+        UsageError: timm's factory refuses the combination (e.g. class weights on softmax cross-entropy, which timm
+            takes for BCE and multi-label ASL only).
+    """
     if args.jsd_loss:
         return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=smoothing)
+    weights = weights or LossWeights()
     loss_type = args.loss or ('bce' if args.bce_loss else None)
-    pos_weight = args.loss_pos_weight or args.bce_pos_weight
-    return create_classification_loss(
-        loss_type=loss_type,
-        smoothing=smoothing,
-        soft_targets=mixup_active,
-        class_weight=args.loss_class_weight,
-        pos_weight=pos_weight[0] if isinstance(pos_weight, list) and len(pos_weight) == 1 else pos_weight,
-        bce_target_thresh=args.bce_target_thresh,
-        bce_sum=args.bce_sum,
-        poly_epsilon=args.poly_epsilon,
-        poly_gamma=args.poly_gamma,
-    )
+    stats = weights.class_stats if loss_type == 'db' else None
+    try:
+        return create_classification_loss(
+            loss_type=loss_type,
+            multi_label=args.task == 'multilabel',
+            smoothing=smoothing,
+            soft_targets=mixup_active,
+            class_weight=weights.class_weight,
+            pos_weight=weights.pos_weight,
+            bce_target_thresh=args.bce_target_thresh,
+            bce_sum=args.bce_sum,
+            poly_epsilon=args.poly_epsilon,
+            poly_gamma=args.poly_gamma,
+            class_counts=None if stats is None else stats[0],
+            num_samples=None if stats is None else stats[1],
+        )
+    except ValueError as e:
+        raise UsageError(f"timm's criterion ({_loss_flags(args)}): {' '.join(str(e).split())}") from None
+
+
+def _loss_flags(args: argparse.Namespace) -> str:
+    """The flags that chose the criterion, for messages."""
+    given = [f'--loss {args.loss}' if args.loss else ('--bce-loss' if args.bce_loss else 'cross-entropy')]
+    if args.task == 'multilabel':
+        given.append('--task multilabel')
+    given += [f'{option} {value}' for option, value in (
+        ('--loss-class-weight', args.loss_class_weight), ('--loss-pos-weight', pos_weight_value(args)))
+        if value is not None]
+    return ', '.join(given)
 
 
 def _timm_distillation_task(args, model, criterion, device, model_dtype, verbose) -> TrainingTask:
@@ -176,10 +202,18 @@ def create_task(
     Args:
         smoothing: Label smoothing of the cross-entropy part (after the smoothing policy).
         mixup_smoothing: The smoothing the run's Mixup / CutMix fold into their targets; None when both are off.
+
+    Raises:
+        UsageError: Loss weights that do not fit the model's classes, or a criterion timm refuses.
     """
     criterion = None
+    weights = resolve_loss_weights(args, unwrap_model(model).num_classes)
+    if verbose and weights.class_weight is not None:
+        shown = torch.as_tensor(weights.class_weight).flatten()
+        _logger.info(f'Class weights from --loss-class-weight {args.loss_class_weight}: '
+                     + ', '.join(f'{float(w):.4g}' for w in shown[:10]) + (' ...' if shown.numel() > 10 else ''))
     if get_method(args.tfkd_mode).uses_timm_criterion:
-        criterion = create_timm_criterion(args, smoothing, mixup_smoothing is not None).to(device)
+        criterion = create_timm_criterion(args, smoothing, mixup_smoothing is not None, weights).to(device)
         if args.kd_model_name is not None:
             try:
                 return _timm_distillation_task(args, model, criterion, device, model_dtype, verbose)
@@ -191,7 +225,9 @@ def create_task(
                                  f"{type(e).__name__}: {detail}") from None
     return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config,
                             num_train_samples=num_train_samples, device=device, dtype=model_dtype, verbose=verbose,
-                            mixup_smoothing=mixup_smoothing or 0.0)
+                            mixup_smoothing=mixup_smoothing or 0.0,
+                            class_weight=weights.class_weight_vector(unwrap_model(model).num_classes),
+                            pos_weight=weights.pos_weight)
 
 
 def resolve_lr(args: argparse.Namespace, batches_per_step: float) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, MultiLabelTarget, create_dataset, create_loader
 from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, Sampler
 
 from ..errors import UsageError
@@ -37,8 +37,19 @@ class TrainData:
     num_train_samples: int
 
 
+# Dataset kinds whose readers can give multi-label targets (index lists, multi-hot vectors or binary fields).
+MULTILABEL_READERS = ('hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
 def _is_folder_dataset(name: str) -> bool:
     return name in ('', 'folder', 'imagefolder') or name.startswith(('folder/', 'imagefolder/'))
+
+
+def multilabel_target_transform(args: argparse.Namespace) -> Optional[MultiLabelTarget]:
+    """timm's encoding of a multi-label target as a float multi-hot vector (None for single-label training)."""
+    if args.task != 'multilabel':
+        return None
+    return MultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot')
 
 
 def _check_folder_split(data_dir: str, split: str) -> None:
@@ -84,8 +95,10 @@ def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool
             target_key=args.target_key,
             num_samples=args.train_num_samples if is_training else args.val_num_samples,
             trust_remote_code=args.dataset_trust_remote_code,
+            target_format=args.target_format,
+            target_transform=multilabel_target_transform(args),
         )
-    except (RuntimeError, FileNotFoundError, OSError, AssertionError) as e:
+    except (RuntimeError, FileNotFoundError, OSError, AssertionError, ValueError, TypeError) as e:
         raise UsageError(f"cannot read the '{split}' split of dataset '{args.dataset or 'folder'}' at "
                          f"'{args.data_dir}': {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
                          ) from None
@@ -166,6 +179,7 @@ def mixup_settings(args: argparse.Namespace, smoothing: float) -> Optional[Dict[
         mode=args.mixup_mode,
         label_smoothing=smoothing,
         num_classes=args.num_classes,
+        multi_label=args.task == 'multilabel',
     )
 
 

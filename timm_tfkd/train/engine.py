@@ -6,7 +6,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -17,9 +17,11 @@ from torchvision.utils import save_image
 from ..errors import NonFiniteLossError
 from ..tasks import EpochHooks, SampleIndexed
 from .data import TrainSampler
-from .metrics import ClassificationMetrics
+from .metrics import ClassificationMetrics, MultiLabelMetrics
 
 _logger = logging.getLogger(__name__)
+# What one validation pass accumulates: single-label metric sums or timm's multi-label evaluator.
+Metrics = Union[ClassificationMetrics, MultiLabelMetrics]
 
 
 @dataclass
@@ -230,13 +232,15 @@ def measure(
         channels_last: bool,
         amp_autocast: Callable[[], AbstractContextManager],
         model_dtype: Optional[torch.dtype] = None,
-        after_batch: Optional[Callable[[int, int, ClassificationMetrics], None]] = None,
+        after_batch: Optional[Callable[[int, int, Metrics], None]] = None,
         tta: int = 0,
-) -> ClassificationMetrics:
+        multilabel_threshold: Optional[float] = None,
+) -> Metrics:
     """Run ``model`` in eval mode over ``loader`` and accumulate this rank's metric sums.
 
     The duplicates a distributed sampler pads the ranks with still run through the model (collectives stay
-    balanced) but are not counted, so the reduced metrics are those of the dataset itself.
+    balanced) but are not counted, so the reduced metrics are those of the dataset itself. With
+    ``multilabel_threshold`` the targets are multi-label and the metrics timm's multi-label ones.
 
     With ``tta`` N > 1 (timm's ``--tta``), each N consecutive images are N augmented copies of one: their logits
     are averaged into one prediction, scored against the first copy's target, and every metric is that of the
@@ -249,7 +253,10 @@ def measure(
     max_samples = evaluation_sample_limit(loader)
     if tta > 1 and max_samples is not None:
         max_samples //= tta
-    metrics = ClassificationMetrics(device, max_samples=max_samples)
+    if multilabel_threshold is None:
+        metrics: Metrics = ClassificationMetrics(device, max_samples=max_samples)
+    else:
+        metrics = MultiLabelMetrics(device, threshold=multilabel_threshold, max_samples=max_samples)
     num_batches = len(loader)
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
@@ -272,15 +279,17 @@ def measure(
 
 
 def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Test') -> Dict[str, float]:
-    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks.
+    """Top-1, top-5, NLL and ECE of ``model`` on ``loader``, summed exactly over all ranks (multi-label: timm's
+    loss, mAP and F1 metrics).
 
     Raises:
         NonFiniteLossError: The model's outputs are not finite (on every rank alike: the sums are reduced first).
     """
     args = ctx.args
+    multilabel = args.task == 'multilabel'
     batch_time, end = _Average(), [time.perf_counter()]
 
-    def log_batch(batch_idx: int, num_batches: int, metrics: ClassificationMetrics) -> None:
+    def log_batch(batch_idx: int, num_batches: int, metrics: Metrics) -> None:
         """timm's per-batch validation line, with the running metrics of all ranks (every rank calls it)."""
         now = time.perf_counter()
         batch_time.update(now - end[0])
@@ -289,20 +298,25 @@ def validate(ctx: LoopContext, model: torch.nn.Module, loader, label: str = 'Tes
             return
         running = metrics.running(reduce=args.distributed)
         if ctx.is_primary:
+            accuracy = '' if multilabel else f"  Acc@1: {running['top1']:>7.3f}  Acc@5: {running['top5']:>7.3f}"
             _logger.info(f"{label}: [{batch_idx:>4d}/{num_batches - 1}]  "
-                         f"Time: {batch_time.value:.3f} ({batch_time.mean:.3f})  Loss: {running['loss']:>6.3f}  "
-                         f"Acc@1: {running['top1']:>7.3f}  Acc@5: {running['top5']:>7.3f}")
+                         f"Time: {batch_time.value:.3f} ({batch_time.mean:.3f})  Loss: {running['loss']:>6.3f}"
+                         + accuracy)
 
     metrics = measure(model, loader, ctx.device, args.prefetcher, args.channels_last, ctx.amp_autocast,
-                      ctx.model_dtype, after_batch=log_batch, tta=args.tta)
+                      ctx.model_dtype, after_batch=log_batch, tta=args.tta,
+                      multilabel_threshold=args.multilabel_threshold if multilabel else None)
     metrics.reduce()
     result = metrics.compute()
-    if not math.isfinite(result['nll']):
+    if not math.isfinite(result['loss']):
         # The last update of the epoch made the weights non-finite (its loss was still finite): stop before this
         # epoch's checkpoint replaces the last good one.
         raise NonFiniteLossError(f'non-finite model outputs in validation ({label}): training diverged in the last '
                                  f'step(s); the last saved checkpoint is unchanged')
-    if ctx.is_primary:
+    if ctx.is_primary and multilabel:
+        _logger.info(f"{label}: Loss {result['loss']:.4f}  mAP {result['map']:.3f}  F1 micro {result['micro_f1']:.3f}  "
+                     f"macro {result['macro_f1']:.3f}  sample {result['sample_f1']:.3f}")
+    elif ctx.is_primary:
         _logger.info(f"{label}: Acc@1 {result['top1']:.3f}  Acc@5 {result['top5']:.3f}  NLL {result['nll']:.4f}  "
                      f"ECE {result['ece']:.2f}")
     return result

@@ -25,6 +25,8 @@ TIMM_1_0_31_FLAGS = (
     '--loss-pos-weight',
     '--loss-class-weight',
     '--loss-weight-power',
+    '--loss-weight-beta',
+    '--loss-weight-max',
     '--class-stats',
     '--poly-gamma',
     '--poly-epsilon',
@@ -167,10 +169,11 @@ def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
         help='Allow Hugging Face datasets to run code shipped with the dataset.')
     group.add_argument(
         '--task', default='classification', type=str, choices=['classification', 'multilabel'],
-        help='Single-label or multi-label classification (Tf-KD modes need classification).')
+        help='Single-label or multi-label classification (multilabel: --tfkd-mode none or lsr).')
     group.add_argument(
         '--target-format', default=None, type=str, metavar='FORMAT',
-        help="How multi-label targets are stored, e.g. 'multihot' (default: detected).")
+        help="How multi-label targets are stored: 'indices' (lists of class indices, default) or 'multihot' "
+             "(one value per class).")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -536,17 +539,26 @@ def _add_loss_args(parser: argparse.ArgumentParser) -> None:
         '--loss', default=None, type=str, choices=LOSS_TYPES,
         help='Task loss (default: chosen from --task and the mixing and BCE flags).')
     group.add_argument(
-        '--loss-pos-weight', default=None, nargs='+', type=float, metavar='W',
-        help='Per-class weights of positive targets for multi-label losses.')
+        '--loss-pos-weight', default=None, type=str, metavar='W',
+        help="Weights of positive targets (BCE, multi-label ASL): a number, a comma separated list, a file, or "
+             "'neg_pos' (from --class-stats).")
     group.add_argument(
-        '--loss-class-weight', default=None, nargs='+', type=float, metavar='W',
-        help='Per-class loss weights.')
+        '--loss-class-weight', default=None, type=str, metavar='W',
+        help="Per-class loss weights: a number, a comma separated list, a file, or 'inv_freq' / 'effective_num' "
+             "(from --class-stats). Tf-KD modes weight their cross-entropy part with them.")
     group.add_argument(
         '--loss-weight-power', default=None, type=float, metavar='P',
-        help='Exponent applied to class weights derived from --class-stats.')
+        help="Exponent of the 'neg_pos' and 'inv_freq' weights, >= 0 (default: 1).")
+    group.add_argument(
+        '--loss-weight-beta', default=0.999, type=float, metavar='BETA',
+        help="Beta of the 'effective_num' weights, in (0, 1).")
+    group.add_argument(
+        '--loss-weight-max', default=None, type=float, metavar='W',
+        help='Cap on weights computed from --class-stats.')
     group.add_argument(
         '--class-stats', default=None, type=str, metavar='FILE',
-        help='JSON of per-class counts for loss weighting (not supported by this trainer).')
+        help="JSON of per-class positive counts and the sample count (timm's class_weights.py) for the weight "
+             "methods and the 'db' loss.")
     group.add_argument(
         '--poly-gamma', default=0.0, type=float, metavar='GAMMA',
         help="Focal exponent of the 'poly' loss.")

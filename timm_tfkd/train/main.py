@@ -236,6 +236,7 @@ def _record(run: Run, final, final_ema, best_epoch, epochs_trained: int) -> RunR
         best_epoch=best_epoch,
         epochs_trained=epochs_trained,
         finished=epochs_trained >= run.num_epochs,
+        task=args.task,
     )
 
 
@@ -424,9 +425,13 @@ def _finish(run: Run, folder: RunFolder, results: Optional[Results]) -> int:
         print(f'timm-tfkd: error: export of {folder.path} failed: {e}', file=sys.stderr)
         code = 2
     if results is not None and results.final is not None:
-        shown = results.final_ema or results.final
-        print(f"Final ({'EMA' if results.final_ema else 'model'}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  "
-              f"top-5 {shown['top5']:.2f}%  NLL {shown['nll']:.4f}  ECE {shown['ece']:.2f}%")
+        shown, which = results.final_ema or results.final, 'EMA' if results.final_ema else 'model'
+        if args.task == 'multilabel':
+            print(f"Final ({which}) on '{args.val_split}': mAP {shown['map']:.2f}%  F1 micro {shown['micro_f1']:.2f}%  "
+                  f"macro {shown['macro_f1']:.2f}%  sample {shown['sample_f1']:.2f}%  loss {shown['loss']:.4f}")
+        else:
+            print(f"Final ({which}) on '{args.val_split}': top-1 {shown['top1']:.2f}%  top-5 {shown['top5']:.2f}%  "
+                  f"NLL {shown['nll']:.4f}  ECE {shown['ece']:.2f}%")
     print(f'Checkpoints and summary in {folder.path}')
     if results is not None:
         metric = args.eval_metric if run.data.loader_eval is not None else 'loss'

@@ -1,9 +1,11 @@
-"""Validation metrics that reduce exactly across ranks: top-1/5, NLL and expected calibration error."""
+"""Validation metrics that reduce exactly across ranks: top-1/5, NLL and expected calibration error; for multi-label
+training, timm's multi-label evaluator (BCE loss, mAP, micro / macro / sample F1)."""
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.task import MultiLabelClassificationEvaluator
 
 ECE_BINS = 15
 # A confidence within this many bin widths of an edge counts as on it. Softmax rounding leaves a confidence that
@@ -94,3 +96,43 @@ class ClassificationMetrics:
             'nll': nll,
             'ece': 100.0 * gap / samples,
         }
+
+
+class MultiLabelMetrics:
+    """timm's multi-label evaluator behind the interface of :class:`ClassificationMetrics`, so that multi-label
+    runs report exactly what timm's ``train.py`` reports: ``loss`` (BCE with logits), ``map`` (exact macro average
+    precision, classes without positives count as 0) and ``micro_f1`` / ``macro_f1`` / ``sample_f1`` at the
+    sigmoid ``threshold``, all in percent but the loss. Predictions are gathered across ranks once, in
+    :meth:`compute`.
+
+    Args:
+        device: Where the loss sums live.
+        threshold: Sigmoid probability threshold of the F1 metrics (``--multilabel-threshold``).
+        max_samples: Ignore predictions past this many (a distributed sampler's padding).
+    """
+
+    def __init__(self, device: torch.device, threshold: float = 0.5, max_samples: Optional[int] = None):
+        self._evaluator = MultiLabelClassificationEvaluator(device, max_samples=max_samples, threshold=threshold)
+        self._distributed = False
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of logits (B, K) and dense binary (or soft) targets (B, K)."""
+        self._evaluator.update(logits, target)
+
+    def running(self, reduce: bool = False) -> Dict[str, float]:
+        """Mean BCE (``loss``) of the samples so far, over all ranks when ``reduce`` (every rank must call it then)."""
+        totals = torch.stack([self._evaluator.loss_sum.double(), self._evaluator.counts[0].double()])
+        if reduce:
+            dist.all_reduce(totals)
+        loss_sum, samples = totals.tolist()
+        return {'loss': loss_sum / max(samples, 1.0)}
+
+    def reduce(self) -> None:
+        """Mark the metrics for a cross-rank :meth:`compute` (timm's evaluator gathers there)."""
+        self._distributed = dist.is_available() and dist.is_initialized()
+
+    def compute(self) -> Dict[str, float]:
+        if not self._evaluator.num_samples and not self._distributed:
+            raise ValueError('no validation samples were seen')
+        return dict(self._evaluator.compute(distributed=self._distributed))

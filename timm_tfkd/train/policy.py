@@ -6,16 +6,20 @@ import os
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from timm.data.readers.targets import TARGET_FORMATS
+
 from ..errors import UsageError
 from ..hub import is_export
 from ..methods import (
     AUG_SPLITS_ALL, SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, SMOOTHING_TIMM, get_method, registered_flags,
 )
+from ..run_folder import MULTILABEL_METRIC_NAMES, MULTILABEL_TASK, headline_metric
 from .build import student_in_chans
-from .data import mixup_settings
+from .data import MULTILABEL_READERS, mixup_settings
 from .flags import create_parser
 from .loggers import check_logging_args
 from .publish import check_hub_args
+from .weights import check_loss_weights, pos_weight_value
 
 # timm flags the trainer accepts (so timm commands parse) but refuses when set away from their default.
 UNSUPPORTED_FLAGS = {
@@ -23,10 +27,6 @@ UNSUPPORTED_FLAGS = {
     'train_img_sizes': 'variable-resolution training',
     'train_batch_sizes': 'variable-resolution training',
     'train_size_probs': 'variable-resolution training',
-    'class_stats': 'class statistics for loss weighting',
-    'loss_weight_power': 'class statistics for loss weighting',
-    'task': 'multi-label training',
-    'target_format': 'multi-label training',
 }
 
 
@@ -108,13 +108,17 @@ VALUE_RULES: Dict[str, Rule] = {
     'kd_temperature': POSITIVE, 'distill_loss_weight': _optional(NON_NEGATIVE),
     'task_loss_weight': _optional(NON_NEGATIVE), 'tta': NON_NEGATIVE, 'aug_splits': _zero_or_at_least(2),
     'multilabel_threshold': _within(0.0, 1.0, include_high=False),
+    'loss_weight_power': _optional(NON_NEGATIVE), 'loss_weight_beta': _within(0.0, 1.0, include_high=False),
+    'loss_weight_max': _optional(POSITIVE),
 }
 DEFAULT_OUTPUT = './output/train'  # timm's train.py default for --output
 # The TorchScript fusers of timm's set_jit_fuser that torch still has ('' leaves torch's default); its 'nvfuser' /
 # 'nvf' switch a fuser torch 2 removed from TorchScript (torch warns that it is a no-op).
 JIT_FUSERS = ('te', 'old', 'legacy')
-# Metrics the trainer's validation reports, by which --eval-metric may rank checkpoints.
+# Metrics the trainer's validation reports, by which --eval-metric may rank checkpoints (multi-label: timm's
+# multi-label evaluator's, which ranks by mAP by default).
 EVAL_METRICS = ('top1', 'top5', 'loss', 'nll', 'ece')
+DEFAULT_EVAL_METRIC = 'top1'  # timm's --eval-metric default
 
 
 def check_values(args: argparse.Namespace) -> None:
@@ -135,8 +139,10 @@ def check_values(args: argparse.Namespace) -> None:
         values = getattr(args, dest)
         if values is not None and len(values) not in (1, channels):
             raise UsageError(f'--{dest} needs 1 or {channels} values (one per input channel), got {len(values)}')
-    if args.eval_metric not in EVAL_METRICS:
-        raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
+    allowed = MULTILABEL_METRIC_NAMES if args.task == MULTILABEL_TASK else EVAL_METRICS
+    if args.eval_metric not in allowed:
+        task = ' with --task multilabel' if args.task == 'multilabel' else ''
+        raise UsageError(f"--eval-metric must be one of {', '.join(allowed)}{task}, got '{args.eval_metric}'")
 
 
 def _option_string(parser: argparse.ArgumentParser, dest: str) -> str:
@@ -159,14 +165,23 @@ def check_supported(args: argparse.Namespace) -> None:
             raise UsageError(f"{_option_string(parser, dest)} is not supported by the Tf-KD trainer yet ({reason}); "
                              f"remove it or use timm's train.py")
     method = get_method(args.tfkd_mode)
+    check_task(args)
     if not method.uses_timm_criterion:
         if args.kd_model_name is not None:
             raise UsageError(f"--kd-model-name (timm's distillation) and --tfkd-mode {method.name} are two different "
                              f"distillation methods; use one of them")
-        if args.bce_loss or args.loss not in (None, 'ce'):
-            loss = '--bce-loss' if args.bce_loss else f'--loss {args.loss}'
-            raise UsageError(f'{loss} cannot be combined with --tfkd-mode {method.name}: Tf-KD losses are built on '
-                             f'softmax cross-entropy')
+        multilabel = args.task == 'multilabel'
+        own_loss = 'bce' if multilabel else 'ce'
+        if (args.bce_loss and own_loss != 'bce') or args.loss not in (None, own_loss):
+            loss = f'--loss {args.loss}' if args.loss not in (None, own_loss) else '--bce-loss'
+            why = ('its multi-label loss is BCE' if multilabel else
+                   'Tf-KD losses are built on softmax cross-entropy')
+            raise UsageError(f'{loss} cannot be combined with --tfkd-mode {method.name}: {why}')
+        if not multilabel and pos_weight_value(args) is not None:
+            option = '--loss-pos-weight' if args.loss_pos_weight is not None else '--bce-pos-weight'
+            raise UsageError(f'{option} cannot be combined with --tfkd-mode {method.name}: it weighs the positive '
+                             f'targets of BCE losses, and Tf-KD losses are softmax cross-entropy (use '
+                             f'--loss-class-weight)')
     try:
         method.check(args)
     except ValueError as e:
@@ -197,6 +212,12 @@ def check_aug_splits(args: argparse.Namespace) -> None:
     if args.jsd_loss and (args.bce_loss or args.loss not in (None, 'ce')):
         loss = '--bce-loss' if args.bce_loss else f'--loss {args.loss}'
         raise UsageError(f"--jsd-loss is timm's cross-entropy + Jensen-Shannon loss; it cannot be combined with {loss}")
+    if args.jsd_loss and args.task == MULTILABEL_TASK:
+        raise UsageError('--jsd-loss compares softmax predictions of one class; it cannot be combined with '
+                         '--task multilabel')
+    if args.jsd_loss and args.loss_class_weight is not None:
+        raise UsageError("--jsd-loss takes no class weights (timm's JsdCrossEntropy has none); drop "
+                         "--loss-class-weight or --jsd-loss")
     if not splits:
         return
     if mixup_settings(args, 0.0) is not None:
@@ -237,6 +258,36 @@ def check_scripting(args: argparse.Namespace) -> None:
         raise UsageError('--torchscript cannot be combined with --sync-bn (timm refuses it too)')
     if args.split_bn:
         raise UsageError("--torchscript cannot script --split-bn's split batch norms; drop one of them")
+
+
+def check_task(args: argparse.Namespace) -> None:
+    """Refuse target settings that do not fit ``--task``, as timm's ``train.py`` does.
+
+    Raises:
+        UsageError: One line.
+    """
+    if args.target_format is not None and args.target_format not in TARGET_FORMATS:
+        raise UsageError(f"--target-format must be one of {', '.join(TARGET_FORMATS)}, got '{args.target_format}'")
+    if args.task != 'multilabel':
+        if args.target_format == 'multihot':
+            raise UsageError('--target-format multihot needs --task multilabel')
+        return
+    if not (args.dataset or '').lower().startswith(MULTILABEL_READERS):
+        kinds = ', '.join(MULTILABEL_READERS)
+        raise UsageError(f"--task multilabel needs a dataset whose records hold several labels ({kinds} with "
+                         f"--target-key); '{args.dataset or 'folder'}' gives one class index per image")
+    if args.num_classes is None:
+        raise UsageError('--task multilabel needs --num-classes (multi-label datasets do not always name their '
+                         'classes)')
+    if args.kd_model_name is not None:
+        raise UsageError("--kd-model-name (timm's distillation, a softmax over the classes) is not defined for "
+                         "--task multilabel and is refused until defined")
+
+
+def resolve_eval_metric(args: argparse.Namespace, explicit: Set[str]) -> None:
+    """timm's default ``--eval-metric top1`` means the task's default metric: mAP for multi-label training."""
+    if args.task == 'multilabel' and 'eval_metric' not in explicit and args.eval_metric == DEFAULT_EVAL_METRIC:
+        args.eval_metric = headline_metric(MULTILABEL_TASK)
 
 
 def resolve_smoothing(args: argparse.Namespace, explicit: Set[str]) -> Tuple[float, str]:
@@ -324,10 +375,12 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
     Raises:
         UsageError: The first problem found, as one line.
     """
+    resolve_eval_metric(args, explicit)
     check_supported(args)
     check_values(args)
     check_aug_splits(args)
     check_scripting(args)
+    warnings = check_loss_weights(args)
     check_hub_args(args)
     check_logging_args(args)
     check_writable_folder(args.output or DEFAULT_OUTPUT, '--output')
@@ -340,6 +393,6 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
                              f"choose a new or empty folder")
     ignored = ignored_tfkd_flags(args, explicit)
     if ignored:
-        return [f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by --tfkd-mode "
-                f"{args.tfkd_mode}, which does not read {'it' if len(ignored) == 1 else 'them'}"]
-    return []
+        warnings.append(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored by --tfkd-mode "
+                        f"{args.tfkd_mode}, which does not read {'it' if len(ignored) == 1 else 'them'}")
+    return warnings
