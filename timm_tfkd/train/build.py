@@ -4,7 +4,7 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from ..dtypes import DTYPES
 from ..errors import UsageError
 from ..factory import create_tfkd_task
 from ..methods import get_method
+from ..naflex import layout_name, reads_naflex_problem
 from ..pretrained import pretrained_unavailable
 from ..run_folder import architecture_kwargs
 
@@ -104,6 +105,29 @@ def create_student(args: argparse.Namespace) -> nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     return model
+
+
+def check_naflex_student(args: argparse.Namespace, model: nn.Module) -> Optional[Tuple[int, int]]:
+    """With ``--naflex-loader``: the student's patch size (the NaFlex loaders patchify at it), once the student is
+    known to read the loader's batches (timm's train.py would fall back to 16 px patches and fail in the forward).
+
+    Returns:
+        The patch size, or None without ``--naflex-loader``.
+
+    Raises:
+        UsageError: The student is not a NaFlex model, or reads another layout or patch size than the loader makes.
+    """
+    if not args.naflex_loader:
+        return None
+    channels_last = not args.naflex_patchify_channels_first
+    patch_size = tuple(model.get_patch_size()) if callable(getattr(model, 'get_patch_size', None)) else None
+    sizes = [(size, size) for size in args.naflex_patch_sizes] if args.naflex_patch_sizes else [patch_size]
+    problem = reads_naflex_problem(model, sizes, student_in_chans(args), channels_last,
+                                   unflattened=bool(args.naflex_patch_sizes))
+    if problem:
+        raise UsageError(f"--naflex-loader: model '{args.model}' cannot train on its {layout_name(channels_last)} "
+                         f"patch batches: {problem}")
+    return patch_size
 
 
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,

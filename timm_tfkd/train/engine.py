@@ -14,8 +14,9 @@ from timm.task import TrainingTask, evaluation_sample_limit
 from timm.utils import dispatch_clip_grad
 
 from ..errors import NonFiniteLossError
+from ..naflex import batch_size_of, is_naflex_batch, move_batch
 from ..tasks import EpochHooks, SampleIndexed
-from .data import TrainSampler
+from .data import LossScale, TrainSampler
 from .metrics import ClassificationMetrics
 
 _logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class LoopContext:
     save_recovery: Optional[Callable[[int, int, EpochProgress], None]] = None
     num_epochs: int = 0
     train_sampler: Optional[TrainSampler] = None
+    loss_scale: Optional[LossScale] = None
 
 
 class Progress:
@@ -76,15 +78,27 @@ def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
-def _prepare_batch(ctx: LoopContext, input: torch.Tensor, target: torch.Tensor):
+def _to_device(input, target, device: torch.device, dtype: Optional[torch.dtype]):
+    """A batch on the device: images cast to ``dtype``, or a NaFlex dict whose patch values are."""
+    if is_naflex_batch(input):
+        return move_batch(input, device, dtype), target.to(device=device)
+    return input.to(device=device, dtype=dtype), target.to(device=device)
+
+
+def _in_memory_format(input, channels_last: bool):
+    """Images in channels_last when asked; NaFlex patches keep the layout their loader made."""
+    if channels_last and not is_naflex_batch(input):
+        return input.contiguous(memory_format=torch.channels_last)
+    return input
+
+
+def _prepare_batch(ctx: LoopContext, input, target):
     args = ctx.args
     if not args.prefetcher:
-        input, target = input.to(device=ctx.device, dtype=ctx.model_dtype), target.to(device=ctx.device)
+        input, target = _to_device(input, target, ctx.device, ctx.model_dtype)
         if ctx.mixup_fn is not None:
             input, target = ctx.mixup_fn(input, target)
-    if args.channels_last:
-        input = input.contiguous(memory_format=torch.channels_last)
-    return input, target
+    return _in_memory_format(input, args.channels_last), target
 
 
 def _backward_and_step(ctx: LoopContext, loss: torch.Tensor, need_update: bool) -> None:
@@ -148,19 +162,22 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
     for batch_idx, (input, target) in enumerate(loader, start=resumed.batches):
         steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
         need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
+        batch_size = batch_size_of(input)
         if indexed:
-            task.set_sample_index(ctx.train_sampler.take(input.shape[0]))
+            task.set_sample_index(ctx.train_sampler.take(batch_size))
         input, target = _prepare_batch(ctx, input, target)
         with task.no_sync() if has_no_sync and not need_update else nullcontext():
             with ctx.amp_autocast():
                 result = task(input, target)
             loss = result['loss']
-            _backward_and_step(ctx, loss / steps_in_update if steps_in_update > 1 else loss, need_update)
+            update_loss = loss / steps_in_update if steps_in_update > 1 else loss
+            if ctx.loss_scale is not None:  # batches of varying size (timm's --naflex-loss-scale and its kin)
+                update_loss = update_loss * ctx.loss_scale.factor(batch_size, ctx.device, args.world_size)
+            _backward_and_step(ctx, update_loss, need_update)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f'non-finite loss ({loss_value}) at epoch {epoch}, step {batch_idx}; '
                                      f'the last saved checkpoint is unchanged')
-        batch_size = input.shape[0]
         samples += batch_size
         samples_now += batch_size
         loss_sum += loss_value * batch_size
@@ -215,9 +232,8 @@ def measure(
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
             if not prefetcher:
-                input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
-            if channels_last:
-                input = input.contiguous(memory_format=torch.channels_last)
+                input, target = _to_device(input, target, device, model_dtype)
+            input = _in_memory_format(input, channels_last)
             with amp_autocast():
                 output = model(input)
             if isinstance(output, (tuple, list)):

@@ -1,0 +1,219 @@
+"""timm's NaFlex loader (``--naflex-loader``) with every Tf-KD mode: a tiny NaFlexViT trains and validates on batches
+of patches; with self and kd the teacher gets the student's very batch, its patch values re-normalized per channel in
+the loader's layout (P-P-C, and C-P-P with ``--naflex-patchify-channels-first``), checked against the saved teacher
+network run by hand on patches re-normalized here; no checkpoint holds teacher weights; each batch's loss is scaled
+as ``--naflex-loss-scale`` says; and under DDP by the rank's share of the global batch (two real gloo processes)."""
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from timm_tfkd import SelfDistillLoss, TfKDSelfTask
+from timm_tfkd.checkpoint_io import read_checkpoint
+from timm_tfkd.train.data import LossScale
+from conftest import write_image_folder
+from _train_helpers import assert_run_files, read_run_info, read_summary, tiny_args, train_in_process
+
+MODEL = 'naflexvit_base_patch16_gap'
+TINY = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'patch_size': 8}
+BATCH = 8
+# With --seed 42, 24 images and -b 8, the NaFlex schedule of sequence lengths 8 and 16 is two batches: 16 samples of
+# 8 patches (8 x 16 tokens / 8) and 8 of 16 (timm rounds batch sizes down to multiples of 8).
+SEQ_LENS = ('8', '16')
+# The student normalizes with these; the teacher was trained with its model's default (0.5): re-normalization has
+# a different gain and offset on every channel.
+STUDENT_MEAN, STUDENT_STD = (0.4, 0.45, 0.55), (0.2, 0.25, 0.3)
+LAYOUTS = {'P-P-C': True, 'C-P-P': False}  # name -> channels last
+
+
+def naflex_args(data: Path, output: Path, experiment: str, *extra, layout: str = 'P-P-C') -> List[str]:
+    channels_last = LAYOUTS[layout]
+    kwargs = [f'{k}={v}' for k, v in TINY.items()] + ([] if channels_last else ['patchify_channels_last=False'])
+    return tiny_args(data, output, experiment, '--model-kwargs', *kwargs, '--naflex-loader', '--naflex-train-seq-lens',
+                     *SEQ_LENS, '--naflex-max-seq-len', '16', *([] if channels_last else
+                                                            ['--naflex-patchify-channels-first']),
+                     *extra, model=MODEL, img_size=32, batch_size=BATCH)
+
+
+def tiny_naflexvit(layout: str) -> torch.nn.Module:
+    return timm.create_model(MODEL, num_classes=3, patchify_channels_last=LAYOUTS[layout], **TINY)
+
+
+@pytest.fixture(scope='module')
+def data32(workdir) -> Path:
+    return write_image_folder(workdir / 'data32', size=32)
+
+
+@pytest.fixture(scope='module')
+def teachers(workdir, data32) -> Dict[str, Path]:
+    """A plain cross-entropy NaFlex run per patch layout: the frozen teachers."""
+    return {layout: train_in_process(naflex_args(data32, workdir / 'out', f'teacher-{layout}', '--smoothing', '0',
+                                                 '--seed', '1', layout=layout))
+            for layout in LAYOUTS}
+
+
+def clone_batch(batch):
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@pytest.fixture
+def teacher_uses(monkeypatch) -> List[dict]:
+    """Each training step of a self / kd task: the batch it got and the teacher logits its loss was given."""
+    seen: List[dict] = []
+    real_forward, real_terms = TfKDSelfTask.forward, SelfDistillLoss.terms
+
+    def forward(self, input, target):
+        seen.append({'input': clone_batch(input)})
+        return real_forward(self, input, target)
+
+    def terms(self, logits, teacher_logits, target):
+        seen[-1]['teacher_logits'] = teacher_logits.detach().clone()
+        return real_terms(self, logits, teacher_logits, target)
+
+    monkeypatch.setattr(TfKDSelfTask, 'forward', forward)
+    monkeypatch.setattr(SelfDistillLoss, 'terms', terms)
+    return seen
+
+
+def teacher_logits_by_hand(teacher_run: Path, batch: dict, layout: str) -> torch.Tensor:
+    """The saved teacher network on the student's patches re-normalized from the student's statistics to the
+    teacher's, x_t = (x * std_s + mean_s - mean_t) / std_t per channel, in float64, channels found by layout."""
+    model = tiny_naflexvit(layout)
+    model.load_state_dict(read_checkpoint(str(teacher_run / 'model_best.pth.tar'))['state_dict'])
+    model.eval()
+    config = read_run_info(teacher_run)['data_config']
+    patches = batch['patches'].double()
+    b, n, d = patches.shape
+    pixels = patches.view(b, n, d // 3, 3) if LAYOUTS[layout] else patches.view(b, n, 3, d // 3).transpose(2, 3)
+    mean_s, std_s = torch.tensor(STUDENT_MEAN, dtype=torch.float64), torch.tensor(STUDENT_STD, dtype=torch.float64)
+    mean_t, std_t = (torch.tensor(config[k], dtype=torch.float64) for k in ('mean', 'std'))
+    pixels = (pixels * std_s + mean_s - mean_t) / std_t
+    if not LAYOUTS[layout]:
+        pixels = pixels.transpose(2, 3)
+    with torch.inference_mode():
+        return model({**batch, 'patches': pixels.reshape(b, n, d).float()})
+
+
+def assert_checkpoint_is_the_student(run: Path, layout: str) -> None:
+    checkpoint = read_checkpoint(str(run / 'last.pth.tar'))
+    student = tiny_naflexvit(layout)
+    assert set(checkpoint['state_dict']) == set(student.state_dict())
+    assert not [key for key in checkpoint['state_dict'] if 'teacher' in key]
+    optimized = sum(len(group['params']) for group in checkpoint['optimizer']['param_groups'])
+    assert optimized == len(list(student.parameters()))
+
+
+# mode -> (layout, extra flags); the modes also cover timm's Mixup for NaFlex and the loop without the prefetcher.
+MODES = {
+    'none': ('P-P-C', ()),
+    'lsr': ('P-P-C', ('--no-prefetcher',)),
+    'reg': ('P-P-C', ('--mixup', '0.5', '--cutmix', '0.5')),
+    'self': ('P-P-C', ('--tfkd-alpha', '0.5', '--tfkd-temperature', '4')),
+    'kd': ('C-P-P', ('--tfkd-teacher-model', MODEL, '--no-prefetcher')),
+}
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_every_mode_trains_on_naflex_batches(mode, workdir, data32, teachers, teacher_uses):
+    layout, extra = MODES[mode]
+    teacher = ('--tfkd-teacher-checkpoint', teachers[layout]) if mode in ('self', 'kd') else ()
+    run = train_in_process(naflex_args(data32, workdir / 'out', mode, '--tfkd-mode', mode, *teacher, '--mean',
+                                       *STUDENT_MEAN, '--std', *STUDENT_STD, *extra, layout=layout))
+    assert_run_files(run, 1)
+    row = read_summary(run)[0]
+    assert all(math.isfinite(value) for value in row.values()), row
+    assert (row['train_kd_loss'] > 0) == (mode in ('reg', 'self', 'kd'))
+    assert_checkpoint_is_the_student(run, layout)
+    if mode in ('self', 'kd'):
+        assert [use['input']['patches'].shape[:2] for use in teacher_uses] == [(8, 16), (16, 8)]
+        for use in teacher_uses:
+            torch.testing.assert_close(use['teacher_logits'], teacher_logits_by_hand(teachers[layout], use['input'],
+                                                                                     layout), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def backward_losses(monkeypatch) -> List[float]:
+    """The value of every tensor the training loop calls backward() on."""
+    seen: List[float] = []
+    real_backward = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        seen.append(self.detach().item())
+        return real_backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, 'backward', backward)
+    return seen
+
+
+@pytest.fixture
+def step_losses(monkeypatch) -> List[tuple]:
+    """(batch size, loss) of every training step of timm's classification task."""
+    seen: List[tuple] = []
+    real_forward = timm.task.ClassificationTask.forward
+
+    def forward(self, input, target):
+        result = real_forward(self, input, target)
+        seen.append((input['patches'].shape[0], result['loss'].item()))
+        return result
+
+    monkeypatch.setattr(timm.task.ClassificationTask, 'forward', forward)
+    return seen
+
+
+@pytest.mark.parametrize('scale', ['none', 'sqrt', 'linear'])
+def test_each_batch_loss_is_scaled_by_its_size(scale, workdir, data32, backward_losses, step_losses):
+    train_in_process(naflex_args(data32, workdir / 'out', f'scale-{scale}', '--naflex-loss-scale', scale))
+    assert [size for size, _ in step_losses] == [8, 16]
+    factors = {'none': lambda b: 1.0, 'sqrt': lambda b: math.sqrt(b / BATCH), 'linear': lambda b: b / BATCH}[scale]
+    assert backward_losses == pytest.approx([loss * factors(size) for size, loss in step_losses], rel=1e-6)
+
+
+def _factor_on_rank(rank: int, port: int, batch_sizes, results) -> None:
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=len(batch_sizes))
+    try:
+        scale = LossScale('linear', reference=8.0, across_ranks=True)
+        results[rank] = float(scale.factor(batch_sizes[rank], torch.device('cpu'), len(batch_sizes)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_each_rank_is_weighed_by_its_share_of_the_global_batch():
+    """timm's train.py: a rank's loss times (world size x its batch / global batch), on top of the linear scale."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    batch_sizes = (16, 8)
+    results = mp.Manager().dict()
+    mp.start_processes(_factor_on_rank, args=(port, batch_sizes, results), nprocs=2, join=True, start_method='fork')
+    total = sum(batch_sizes)
+    assert [results[rank] for rank in range(2)] == pytest.approx(
+        [(b / 8) * (2 * b / total) for b in batch_sizes], rel=1e-6)
+
+
+def test_naflex_flags_without_the_loader_are_one_warning(workdir, data32, capsys):
+    run = train_in_process(tiny_args(data32, workdir / 'out', 'no-naflex', '--naflex-max-seq-len', '64',
+                                     '--naflex-loss-scale', 'sqrt'))
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'WARNING: --naflex-max-seq-len, --naflex-loss-scale have no effect without --naflex-loader, as in timm']
+    assert run.is_dir()
+
+
+def test_naflex_validation_patchifies_at_max_seq_len(workdir, data32, monkeypatch):
+    """Validation batches have --naflex-max-seq-len patches per image (32 px at 8 px patches: 16 valid ones)."""
+    shapes = []
+    real_forward = timm.models.naflexvit.NaFlexVit.forward
+
+    def forward(self, x, *args, **kwargs):
+        if not self.training and isinstance(x, dict) and x['patches'].shape[0] > 1:
+            shapes.append((tuple(x['patches'].shape), x['patch_valid'].sum(1).tolist()))
+        return real_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(timm.models.naflexvit.NaFlexVit, 'forward', forward)
+    train_in_process(naflex_args(data32, workdir / 'out', 'validation-shapes', '-vb', '12'))
+    assert shapes == [((12, 16, 192), [16] * 12)] * 2
