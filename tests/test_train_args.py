@@ -269,10 +269,6 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 UNSUPPORTED_ARGV = {
-    'naflex_loader': ['--naflex-loader'],
-    'train_img_sizes': ['--train-img-sizes', '224', '256'],
-    'train_batch_sizes': ['--train-batch-sizes', '64', '32'],
-    'train_size_probs': ['--train-size-probs', '0.5', '0.5'],
     'aug_splits': ['--aug-splits', '3'],
     'split_bn': ['--split-bn'],
     'jsd_loss': ['--jsd-loss'],

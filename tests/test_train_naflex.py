@@ -2,8 +2,10 @@
 of patches; with self and kd the teacher gets the student's very batch, its patch values re-normalized per channel in
 the loader's layout (P-P-C, and C-P-P with ``--naflex-patchify-channels-first``), checked against the saved teacher
 network run by hand on patches re-normalized here; no checkpoint holds teacher weights; each batch's loss is scaled
-as ``--naflex-loss-scale`` says; and under DDP by the rank's share of the global batch (two real gloo processes)."""
+as ``--naflex-loss-scale`` says, and under DDP by the rank's share of the global batch (two real gloo processes); a
+Tf-KD-self NaFlex run under torchrun validates to the metrics of its saved model computed in one process."""
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -12,12 +14,16 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from timm.data import create_dataset, create_naflex_loader
 
 from timm_tfkd import SelfDistillLoss, TfKDSelfTask
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.train.data import LossScale
 from conftest import write_image_folder
-from _train_helpers import assert_run_files, read_run_info, read_summary, tiny_args, train_in_process
+from _train_helpers import (
+    TRAIN_SCRIPT, assert_run_files, read_run_info, read_summary, run_subprocess, tiny_args, train_in_process,
+)
 
 MODEL = 'naflexvit_base_patch16_gap'
 TINY = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'patch_size': 8}
@@ -190,10 +196,50 @@ def test_under_ddp_each_rank_is_weighed_by_its_share_of_the_global_batch():
         port = s.getsockname()[1]
     batch_sizes = (16, 8)
     results = mp.Manager().dict()
+    # Forked children inherit the imported modules (spawned ones would import torch and timm again, for seconds).
     mp.start_processes(_factor_on_rank, args=(port, batch_sizes, results), nprocs=2, join=True, start_method='fork')
     total = sum(batch_sizes)
     assert [results[rank] for rank in range(2)] == pytest.approx(
         [(b / 8) * (2 * b / total) for b in batch_sizes], rel=1e-6)
+
+
+@pytest.fixture
+def step_targets(monkeypatch) -> List[torch.Tensor]:
+    """The targets of every training step of timm's classification task."""
+    seen: List[torch.Tensor] = []
+    real_forward = timm.task.ClassificationTask.forward
+
+    def forward(self, input, target):
+        seen.append(target.detach().clone())
+        return real_forward(self, input, target)
+
+    monkeypatch.setattr(timm.task.ClassificationTask, 'forward', forward)
+    return seen
+
+
+def timm_naflex_targets(data: Path, seed: int, epoch: int) -> List[List[int]]:
+    """The labels of each training batch of an epoch as timm's own NaFlex loader orders them."""
+    dataset = create_dataset('', root=str(data), split='train', is_training=True)
+    loader = create_naflex_loader(dataset, patch_size=(8, 8), train_seq_lens=tuple(map(int, SEQ_LENS)),
+                                  batch_size=BATCH, is_training=True, seed=seed, num_workers=0, use_prefetcher=False,
+                                  pin_memory=False)
+    loader.dataset.set_epoch(epoch)
+    return [target.tolist() for _, target in loader]
+
+
+def test_every_epoch_has_the_order_of_timms_naflex_loader_for_the_seed(workdir, data32, step_targets):
+    train_in_process(naflex_args(data32, workdir / 'out', 'order', '--seed', '5', '--epochs', '2'))
+    per_epoch = [timm_naflex_targets(data32, 5, epoch) for epoch in range(2)]
+    assert per_epoch[0] != per_epoch[1]
+    assert [target.tolist() for target in step_targets] == per_epoch[0] + per_epoch[1]
+
+
+def test_naflex_mixup_mixes_until_mixup_off_epoch(workdir, data32, step_targets):
+    train_in_process(naflex_args(data32, workdir / 'out', 'mixup-off', '--mixup', '0.5', '--mixup-prob', '1',
+                                 '--mixup-off-epoch', '1', '--smoothing', '0', '--epochs', '2'))
+    assert all(target.shape == (len(target), 3) for target in step_targets)
+    mixed = [bool((target.max(1).values < 1).any()) for target in step_targets]
+    assert mixed == [True, True, False, False]  # two batches an epoch
 
 
 def test_naflex_flags_without_the_loader_are_one_warning(workdir, data32, capsys):
@@ -217,3 +263,40 @@ def test_naflex_validation_patchifies_at_max_seq_len(workdir, data32, monkeypatc
     monkeypatch.setattr(timm.models.naflexvit.NaFlexVit, 'forward', forward)
     train_in_process(naflex_args(data32, workdir / 'out', 'validation-shapes', '-vb', '12'))
     assert shapes == [((12, 16, 192), [16] * 12)] * 2
+
+
+def naflex_validation_by_hand(run: Path, data: Path) -> Dict[str, float]:
+    """Top-1 and NLL of the run's saved model over timm's NaFlex validation batches, in this one process."""
+    info = read_run_info(run)
+    model = tiny_naflexvit('P-P-C')
+    model.load_state_dict(read_checkpoint(str(run / 'last.pth.tar'))['state_dict'])
+    model.eval()
+    dataset = create_dataset('', root=str(data), split='validation', is_training=False)
+    loader = create_naflex_loader(dataset, patch_size=(8, 8), max_seq_len=16, batch_size=5, is_training=False,
+                                  mean=tuple(info['data_config']['mean']), std=tuple(info['data_config']['std']),
+                                  num_workers=0, use_prefetcher=False, pin_memory=False)
+    right = nll = 0.0
+    with torch.inference_mode():
+        for batch, target in loader:
+            log_probs = F.log_softmax(model(batch).double(), dim=1)
+            right += (log_probs.argmax(1) == target).sum().item()
+            nll -= log_probs.gather(1, target[:, None]).sum().item()
+    return {'top1': 100 * right / len(dataset), 'nll': nll / len(dataset)}
+
+
+@pytest.mark.slow
+def test_self_on_naflex_batches_under_torchrun(workdir, data32, teachers):
+    argv = naflex_args(data32, workdir / 'ddp', 'self', '--tfkd-mode', 'self', '--tfkd-teacher-checkpoint',
+                       teachers['P-P-C'])
+    result = run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             TRAIN_SCRIPT, *argv], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = workdir / 'ddp' / 'self'
+    assert sorted(p.name for p in (workdir / 'ddp').iterdir()) == ['self']
+    assert_run_files(run, 1)
+    row = read_summary(run)[0]
+    assert all(math.isfinite(value) for value in row.values()), row
+    expected = naflex_validation_by_hand(run, data32)
+    assert row['eval_top1'] == pytest.approx(expected['top1'])
+    assert row['eval_nll'] == pytest.approx(expected['nll'], rel=1e-5)
+    assert_checkpoint_is_the_student(run, 'P-P-C')

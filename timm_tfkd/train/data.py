@@ -310,12 +310,13 @@ def create_train_data(
                 **common,
                 **augmentation,
             )
-        except ValueError as e:  # the size schedule's own check: no batch of its sizes fits the data
+        except ValueError:  # the size schedule's own check (every other setting is checked before): no batch fits
             if not args.train_img_sizes:
                 raise
-            raise UsageError(f"--train-img-sizes: {_images_per_process(args, dataset_train)}, and the schedule of "
-                             f"batch sizes {args.train_batch_sizes or [args.batch_size]} cannot use them ({e})"
-                             ) from None
+            raise UsageError(f"the '{args.train_split}' split has {_images_per_process(args, dataset_train)}, too few "
+                             f"for one batch of the --train-img-sizes schedule (batch sizes "
+                             f"{args.train_batch_sizes or [args.batch_size]}): no training step would run; lower "
+                             f"--train-batch-sizes") from None
         if args.train_img_sizes:
             schedule = loader_train.batch_sampler
             reference = schedule.average_batch_size
