@@ -37,17 +37,24 @@ STUDENT_MEAN, STUDENT_STD = (0.4, 0.45, 0.55), (0.2, 0.25, 0.3)
 LAYOUTS = {'P-P-C': True, 'C-P-P': False}  # name -> channels last
 
 
-def naflex_args(data: Path, output: Path, experiment: str, *extra, layout: str = 'P-P-C') -> List[str]:
+def naflex_args(data: Path, output: Path, experiment: str, *extra, layout: str = 'P-P-C',
+                variable_patches: bool = False) -> List[str]:
+    """A tiny NaFlexViT run on the NaFlex loader; ``variable_patches``: 4 and 8 px patches, which the model
+    projects by interpolating its patch embedding."""
     channels_last = LAYOUTS[layout]
     kwargs = [f'{k}={v}' for k, v in TINY.items()] + ([] if channels_last else ['patchify_channels_last=False'])
+    if variable_patches:
+        kwargs.append('enable_patch_interpolator=True')
+        extra = ('--naflex-patch-sizes', '4', '8', *extra)
     return tiny_args(data, output, experiment, '--model-kwargs', *kwargs, '--naflex-loader', '--naflex-train-seq-lens',
                      *SEQ_LENS, '--naflex-max-seq-len', '16', *([] if channels_last else
                                                             ['--naflex-patchify-channels-first']),
                      *extra, model=MODEL, img_size=32, batch_size=BATCH)
 
 
-def tiny_naflexvit(layout: str) -> torch.nn.Module:
-    return timm.create_model(MODEL, num_classes=3, patchify_channels_last=LAYOUTS[layout], **TINY)
+def tiny_naflexvit(layout: str, variable_patches: bool = False) -> torch.nn.Module:
+    return timm.create_model(MODEL, num_classes=3, patchify_channels_last=LAYOUTS[layout],
+                             enable_patch_interpolator=variable_patches, **TINY)
 
 
 @pytest.fixture(scope='module')
@@ -57,10 +64,13 @@ def data32(workdir) -> Path:
 
 @pytest.fixture(scope='module')
 def teachers(workdir, data32) -> Dict[str, Path]:
-    """A plain cross-entropy NaFlex run per patch layout: the frozen teachers."""
-    return {layout: train_in_process(naflex_args(data32, workdir / 'out', f'teacher-{layout}', '--smoothing', '0',
+    """A plain cross-entropy NaFlex run per patch layout, and one on variable patch sizes: the frozen teachers."""
+    runs = {layout: train_in_process(naflex_args(data32, workdir / 'out', f'teacher-{layout}', '--smoothing', '0',
                                                  '--seed', '1', layout=layout))
             for layout in LAYOUTS}
+    runs['variable'] = train_in_process(naflex_args(data32, workdir / 'out', 'teacher-variable', '--smoothing', '0',
+                                                    '--seed', '1', layout='C-P-P', variable_patches=True))
+    return runs
 
 
 def clone_batch(batch):
@@ -86,23 +96,34 @@ def teacher_uses(monkeypatch) -> List[dict]:
     return seen
 
 
-def teacher_logits_by_hand(teacher_run: Path, batch: dict, layout: str) -> torch.Tensor:
+def pixels_of(patches: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The patch values as (..., pixel, C): flattened P-P-C / C-P-P patches, or (Ph, Pw, C) / (C, Ph, Pw) grids."""
+    if patches.ndim == 3:
+        b, n, d = patches.shape
+        return patches.view(b, n, d // 3, 3) if channels_last else patches.view(b, n, 3, d // 3).transpose(2, 3)
+    return patches if channels_last else patches.movedim(2, -1)
+
+
+def patches_of(pixels: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if like.ndim == 3:
+        return (pixels if channels_last else pixels.transpose(2, 3)).reshape(like.shape)
+    return pixels if channels_last else pixels.movedim(-1, 2)
+
+
+def teacher_logits_by_hand(teacher_run: Path, batch: dict, layout: str, variable_patches: bool = False
+                           ) -> torch.Tensor:
     """The saved teacher network on the student's patches re-normalized from the student's statistics to the
     teacher's, x_t = (x * std_s + mean_s - mean_t) / std_t per channel, in float64, channels found by layout."""
-    model = tiny_naflexvit(layout)
+    model = tiny_naflexvit(layout, variable_patches)
     model.load_state_dict(read_checkpoint(str(teacher_run / 'model_best.pth.tar'))['state_dict'])
     model.eval()
     config = read_run_info(teacher_run)['data_config']
     patches = batch['patches'].double()
-    b, n, d = patches.shape
-    pixels = patches.view(b, n, d // 3, 3) if LAYOUTS[layout] else patches.view(b, n, 3, d // 3).transpose(2, 3)
     mean_s, std_s = torch.tensor(STUDENT_MEAN, dtype=torch.float64), torch.tensor(STUDENT_STD, dtype=torch.float64)
     mean_t, std_t = (torch.tensor(config[k], dtype=torch.float64) for k in ('mean', 'std'))
-    pixels = (pixels * std_s + mean_s - mean_t) / std_t
-    if not LAYOUTS[layout]:
-        pixels = pixels.transpose(2, 3)
+    pixels = (pixels_of(patches, LAYOUTS[layout]) * std_s + mean_s - mean_t) / std_t
     with torch.inference_mode():
-        return model({**batch, 'patches': pixels.reshape(b, n, d).float()})
+        return model({**batch, 'patches': patches_of(pixels, patches, LAYOUTS[layout]).float()})
 
 
 def assert_checkpoint_is_the_student(run: Path, layout: str) -> None:
@@ -114,10 +135,11 @@ def assert_checkpoint_is_the_student(run: Path, layout: str) -> None:
     assert optimized == len(list(student.parameters()))
 
 
-# mode -> (layout, extra flags); the modes also cover timm's Mixup for NaFlex and the loop without the prefetcher.
+# mode -> (layout, extra flags); the modes also cover timm's Mixup for NaFlex and the loop without the prefetcher
+# (which casts the patch values to the model's dtype).
 MODES = {
     'none': ('P-P-C', ()),
-    'lsr': ('P-P-C', ('--no-prefetcher',)),
+    'lsr': ('P-P-C', ('--no-prefetcher', '--model-dtype', 'bfloat16')),
     'reg': ('P-P-C', ('--mixup', '0.5', '--cutmix', '0.5')),
     'self': ('P-P-C', ('--tfkd-alpha', '0.5', '--tfkd-temperature', '4')),
     'kd': ('C-P-P', ('--tfkd-teacher-model', MODEL, '--no-prefetcher')),
@@ -140,6 +162,20 @@ def test_every_mode_trains_on_naflex_batches(mode, workdir, data32, teachers, te
         for use in teacher_uses:
             torch.testing.assert_close(use['teacher_logits'], teacher_logits_by_hand(teachers[layout], use['input'],
                                                                                      layout), rtol=1e-4, atol=1e-5)
+
+
+def test_self_on_variable_patch_sizes(workdir, data32, teachers, teacher_uses):
+    """--naflex-patch-sizes keeps patches as (C, Ph, Pw) grids of 4 or 8 px (with --seed 44, one batch of each);
+    the teacher re-normalizes those."""
+    run = train_in_process(naflex_args(data32, workdir / 'out', 'self-variable', '--tfkd-mode', 'self',
+                                       '--tfkd-teacher-checkpoint', teachers['variable'], '--mean', *STUDENT_MEAN,
+                                       '--std', *STUDENT_STD, '--seed', '44', layout='C-P-P',
+                                       variable_patches=True))
+    assert all(math.isfinite(value) for value in read_summary(run)[0].values())
+    assert {use['input']['patches'].shape[2:] for use in teacher_uses} == {(3, 4, 4), (3, 8, 8)}
+    for use in teacher_uses:
+        torch.testing.assert_close(use['teacher_logits'], teacher_logits_by_hand(
+            teachers['variable'], use['input'], 'C-P-P', variable_patches=True), rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def reads_naflex_problem(
 
     A NaFlex model has ``get_patch_size()`` (timm's train.py takes the loader's patch size from it); one whose patch
     embedding says which layout it reads must read the loader's; and it must run on a one-patch batch of every patch
-    size the loader makes (run in eval mode under inference mode, so nothing about the model changes).
+    size the loader makes (run in eval mode without gradients, so nothing about the model changes).
 
     Args:
         model: The model (student or teacher network).
@@ -103,7 +103,7 @@ def reads_naflex_problem(
     try:
         for size in patch_sizes:
             try:
-                with torch.inference_mode():
+                with torch.no_grad():  # not inference mode: what a forward caches (patch interpolation) stays usable
                     model(example_batch(size, channels, channels_last, unflattened, device))
             except Exception as e:  # any failure of the model's forward means it cannot take these patches
                 detail = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -71,7 +71,7 @@ class TrainData:
     mixup_fn: Optional[Callable]
     class_names: List[str]
     num_train_samples: int
-    batch_size_reference: float = 0.0
+    batch_size_reference: float
     loss_scale: Optional[LossScale] = None
 
 
