@@ -486,8 +486,9 @@ def install_train_sampler(loader: Any, seed: int, rank: int = 0) -> Optional[Tra
     """Put a :class:`TrainSampler` inside a training loader from timm's ``create_loader``.
 
     Returns:
-        The sampler, or None for loaders whose order it cannot own: iterable datasets, and
-        ``--use-multi-epochs-loader`` (its workers draw the next epoch before the loop starts it).
+        The sampler, or None for loaders whose order it cannot own: iterable datasets (the NaFlex loader's batches
+        come from one), ``--use-multi-epochs-loader`` (its workers draw the next epoch before the loop starts it)
+        and ``--train-img-sizes`` (timm's scheduled batch sampler draws sizes and indices together).
     """
     data_loader = getattr(loader, 'loader', loader)  # timm's PrefetchLoader wraps the DataLoader
     batch_sampler = getattr(data_loader, 'batch_sampler', None)
