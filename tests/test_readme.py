@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 from timm_tfkd.train.flags import create_parser
-from timm_tfkd.train.policy import UNSUPPORTED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
@@ -24,13 +23,6 @@ def test_python_example_is_examples_python_api_and_runs():
 def test_first_commands_are_demo_and_test():
     first_block = re.search(r'```bash\n(.*?)```', README, flags=re.S).group(1)
     assert [line.split('#')[0].strip() for line in first_block.strip().splitlines()] == ['make demo', 'make test']
-
-
-def test_unsupported_flags_are_listed():
-    parser = create_parser()
-    for dest in UNSUPPORTED_FLAGS:
-        option = next(a.option_strings[-1] for a in parser._actions if a.dest == dest)
-        assert f'`{option}' in README, option
 
 
 def test_every_tfkd_flag_is_documented():

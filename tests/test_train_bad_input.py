@@ -17,13 +17,18 @@ from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.cli import main as cli_main
 from conftest import use_offline_hub, write_image_folder
 from _train_helpers import call_main, run_subprocess, script_command, tiny_args, train_in_process
+from _multilabel_data import write_wds
 
 
-def _save_teacher(path: Path, model_name: str, num_classes: int = 3, in_chans: int = 3) -> Path:
-    """A timm-style training checkpoint of a freshly built model (no training needed to test the checks)."""
+def _save_teacher(path: Path, model_name: str, num_classes: int = 3, in_chans: int = 3, **model_kwargs) -> Path:
+    """A timm-style training checkpoint of a freshly built model (no training needed to test the checks), with the
+    ``args`` of its run when it was built with model kwargs."""
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
-    torch.save({'epoch': 0, 'arch': model_name, 'state_dict': model.state_dict()}, path)
+    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    checkpoint = {'epoch': 0, 'arch': model_name, 'state_dict': model.state_dict()}
+    if model_kwargs:
+        checkpoint['args'] = {'model': model_name, 'model_kwargs': model_kwargs}
+    torch.save(checkpoint, path)
     return path
 
 
@@ -107,14 +112,35 @@ def paths(tmp_path_factory) -> SimpleNamespace:
         bad_yaml=bad_yaml,
         script_and_compile=script_and_compile,
         stats=stats,
+        wds=write_wds(root / 'wds'),
         teacher_effnet=_save_teacher(teachers / 'effnet.pth.tar', 'test_efficientnet'),
         teacher_5_classes=_save_teacher(teachers / 'resnet-5-classes.pth.tar', 'test_resnet', num_classes=5),
         teacher_rgb=_save_teacher(teachers / 'resnet-rgb.pth.tar', 'test_resnet'),
+        teacher_vit=_save_teacher(teachers / 'vit.pth.tar', 'test_vit'),
+        naflex_teacher_patch_16=_save_teacher(teachers / 'naflex-16.pth.tar', NAFLEX_MODEL,
+                                              **{**NAFLEX_KWARGS, 'patch_size': 16}),
+        naflex_teacher_c_p_p=_save_teacher(teachers / 'naflex-cpp.pth.tar', NAFLEX_MODEL, **NAFLEX_KWARGS,
+                                           patchify_channels_last=False),
     )
 
 
 def _args(data, *extra, **kwargs):
     return lambda p, out: tiny_args(getattr(p, data), out, 'bad', *extra, **kwargs)
+
+
+NAFLEX_MODEL = 'naflexvit_base_patch16_gap'
+NAFLEX_KWARGS = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'patch_size': 8}
+NAFLEX = ('--model-kwargs', *(f'{k}={v}' for k, v in NAFLEX_KWARGS.items()), '--naflex-loader')
+SIZES = ('--train-img-sizes', '16', '24')
+
+
+def _naflex(*extra, teacher=None):
+    """A tiny NaFlexViT run on the NaFlex loader, taught by the paths' teacher ``teacher`` (kd) when given."""
+    def build(p, out):
+        taught = ('--tfkd-mode', 'kd', '--tfkd-teacher-model', NAFLEX_MODEL, '--tfkd-teacher-checkpoint',
+                  getattr(p, teacher)) if teacher else ()
+        return tiny_args(p.data, out, 'bad', *NAFLEX, *taught, *extra, model=NAFLEX_MODEL)
+    return build
 
 
 # id -> (argv builder (paths, output) -> argv, words the error line must contain)
@@ -147,7 +173,6 @@ CASES = {
     'temperature-zero': (_args('data', '--tfkd-mode', 'reg', '--tfkd-temperature', '0'), ['--tfkd-temperature']),
     'correct-prob-below-1-over-k': (
         _args('data', '--tfkd-mode', 'reg', '--tfkd-correct-prob', '0.2'), ['--tfkd-correct-prob', '0.2', 'K=3']),
-    'unsupported-flag': (_args('data', '--naflex-loader'), ['--naflex-loader', 'not supported']),
     'kd-model-name-with-tfkd': (
         _args('data', '--kd-model-name', 'resnet18', '--tfkd-mode', 'reg'), ['--kd-model-name', '--tfkd-mode reg']),
     'resume-missing-file': (
@@ -309,6 +334,13 @@ CASES = {
     'multilabel-lsr-reference-convention': (
         _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--tfkd-mode', 'lsr',
               '--tfkd-smoothing-convention', 'reference'), ['--tfkd-smoothing-convention reference', 'until defined']),
+    'multilabel-class-index-out-of-range': (
+        lambda p, out: tiny_args(p.wds, out, 'bad', '--task', 'multilabel', '--dataset', 'wds/tiny', '--target-key',
+                                 'labels', num_classes=3), ['--task multilabel', '--num-classes 3', 'must be in [0, 3)']),
+    'multilabel-multihot-of-another-length': (
+        lambda p, out: tiny_args(p.wds, out, 'bad', '--task', 'multilabel', '--dataset', 'wds/tiny', '--target-key',
+                                 'multihot', '--target-format', 'multihot', num_classes=3),
+        ['--num-classes 3 --target-format multihot', 'must have 3 entries, got 4']),
     'multilabel-folder-dataset': (_args('data', '--task', 'multilabel'), ['--task multilabel', "'folder'"]),
     'multilabel-eval-metric-top1': (
         _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--eval-metric', 'top1'),
@@ -318,6 +350,50 @@ CASES = {
     'target-format-unknown': (
         _args('data', '--task', 'multilabel', '--dataset', 'wds/ml', '--target-format', 'dense'),
         ['--target-format', 'indices, multihot', "'dense'"]),
+    # Variable-resolution loaders: what timm refuses or fails on, and students or teachers that cannot read the batches.
+    'naflex-with-train-img-sizes': (_naflex(*SIZES), ['--naflex-loader', '--train-img-sizes', 'alternative']),
+    'naflex-with-multi-epochs-loader': (_naflex('--use-multi-epochs-loader'), ['--use-multi-epochs-loader',
+                                                                             '--naflex-loader']),
+    'train-img-sizes-with-multi-epochs-loader': (
+        _args('data', *SIZES, '--use-multi-epochs-loader'), ['--use-multi-epochs-loader', '--train-img-sizes']),
+    'naflex-with-aug-splits': (_naflex('--aug-splits', '2'), ['--aug-splits', '--naflex-loader']),
+    'naflex-with-save-images': (_naflex('--save-images'), ['--save-images', '--naflex-loader', 'not images']),
+    'torchscript-of-an-unscriptable-model': (_naflex('--torchscript'), ['--torchscript', 'cannot script',
+                                                                        NAFLEX_MODEL]),
+    'naflex-with-aug-repeats': (_naflex('--aug-repeats', '3'), ['--aug-repeats', '--naflex-loader']),
+    'train-batch-sizes-count': (_args('data', *SIZES, '--train-batch-sizes', '8'),
+                                ['--train-batch-sizes', 'one value for each of the 2', 'got 1']),
+    'train-size-probs-count': (_args('data', *SIZES, '--train-size-probs', '0.2', '0.3', '0.5'),
+                               ['--train-size-probs', 'one value for each of the 2', 'got 3']),
+    'train-size-probs-zero-sum': (_args('data', *SIZES, '--train-size-probs', '0', '0'),
+                                  ['--train-size-probs', 'positive sum', '0 0']),
+    'train-size-probs-negative': (_args('data', *SIZES, '--train-size-probs', '-1', '2'),
+                                  ['--train-size-probs', '>= 0']),
+    'progressive-one-size': (_args('data', '--train-img-sizes', '16', '--train-size-schedule', 'progressive'),
+                             ['--train-size-schedule progressive', 'two --train-img-sizes']),
+    'train-img-sizes-zero': (_args('data', '--train-img-sizes', '16', '0'), ['--train-img-sizes', '>= 1']),
+    'scheduled-batch-larger-than-data': (_args('data', '--train-img-sizes', '16', '--train-batch-sizes', '16'),
+                                         ['9 images', 'too few', '--train-img-sizes', '[16]']),
+    'teacher-cannot-take-train-img-sizes': (
+        lambda p, out: tiny_args(p.data, out, 'bad', *SIZES, '--tfkd-mode', 'kd', '--tfkd-teacher-model', 'test_vit',
+                                 '--tfkd-teacher-checkpoint', p.teacher_vit),
+        ["teacher 'test_vit'", '24x24', '--train-img-sizes']),
+    'naflex-seq-len-zero': (_naflex('--naflex-train-seq-lens', '0', '16'), ['--naflex-train-seq-lens', '>= 1']),
+    'naflex-patch-size-probs-count': (_naflex('--naflex-patch-sizes', '8', '--naflex-patch-size-probs', '0.5', '0.5'),
+                                      ['--naflex-patch-size-probs', 'one value for each of the 1']),
+    'naflex-not-a-naflex-model': (_args('data', '--naflex-loader'), ["'test_resnet'", 'get_patch_size']),
+    'naflex-other-layout': (_naflex('--naflex-patchify-channels-first'),
+                            [NAFLEX_MODEL, 'reads P-P-C patches', 'C-P-P', 'patchify_channels_last=False']),
+    'naflex-patch-sizes-without-interpolation': (_naflex('--naflex-patch-sizes', '4', '8'),
+                                                 [NAFLEX_MODEL, 'cannot read 4x4 patches']),
+    'naflex-teacher-not-naflex': (
+        lambda p, out: tiny_args(p.data, out, 'bad', *NAFLEX, '--tfkd-mode', 'kd', '--tfkd-teacher-model',
+                                 'test_resnet', '--tfkd-teacher-checkpoint', p.teacher_rgb, model=NAFLEX_MODEL),
+        ["teacher 'test_resnet'", '--naflex-loader', 'get_patch_size']),
+    'naflex-teacher-other-patch-size': (_naflex(teacher='naflex_teacher_patch_16'),
+                                        [f"teacher '{NAFLEX_MODEL}'", 'cannot read 8x8 patches']),
+    'naflex-teacher-other-layout': (_naflex(teacher='naflex_teacher_c_p_p'),
+                                    [f"teacher '{NAFLEX_MODEL}'", 'reads C-P-P patches', 'P-P-C']),
     'kd-model-name-unreachable': (
         _args('data', '--kd-model-name', 'resnet18'), ['--kd-model-name resnet18', 'not in the local Hub cache']),
 }

@@ -10,7 +10,6 @@ export card say the same. The losses are checked against float64 formulas (timm'
 smoothing towards 0.5, and with weights from ``--class-stats``). reg / self / kd refusals are rows of
 test_train_bad_input.py.
 """
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -30,50 +29,10 @@ from _train_helpers import (  # noqa: F401  (autouse fixture)
     build_in_trainer, build_task, once_per_key, read_run_info, read_summary, summary_columns, train_in_process,
 )
 
-pytest.importorskip('webdataset')  # timm's wds reader needs it (a test dependency: pyproject's dev extra)
+from _multilabel_data import IMG, K, SPLITS, labels_of as _labels, write_wds
 
-K, IMG = 4, 16
-SPLITS = {'train': 24, 'validation': 12}
 METRICS = ('loss', 'map', 'micro_f1', 'macro_f1', 'sample_f1')
 SUMMARY = ['epoch', 'train_loss', 'train_task_loss', 'train_kd_loss'] + [f'eval_{m}' for m in METRICS] + ['lr']
-
-
-def _labels(split: str) -> List[List[int]]:
-    """Each image's positive classes (some images have none, some several)."""
-    rng = np.random.default_rng({'train': 0, 'validation': 1}[split])
-    labels = [[c for c in range(K) if rng.random() < 0.45] for _ in range(SPLITS[split])]
-    labels[0] = []  # an image without labels
-    return labels
-
-
-def _image(labels: List[int], rng: np.random.Generator) -> np.ndarray:
-    """A stripe per positive class, so that the labels are learnable."""
-    pixels = np.zeros((IMG, IMG, 3), np.float32)
-    for c in labels:
-        pixels[:, c * IMG // K:(c + 1) * IMG // K] = 200.0
-    return np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
-
-
-def write_wds(root: Path) -> Path:
-    """One shard per split; the sidecar holds the labels as index lists ('labels') and multi-hot ('multihot')."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(7)
-    splits = {}
-    for split in SPLITS:
-        name = f'{split}-000000.tar'
-        with tarfile.open(root / name, 'w') as tar:
-            for i, labels in enumerate(_labels(split)):
-                image = io.BytesIO()
-                Image.fromarray(_image(labels, rng)).save(image, format='PNG')
-                meta = {'labels': labels, 'multihot': [int(c in labels) for c in range(K)]}
-                for suffix, data in (('png', image.getvalue()), ('json', json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f'{split}{i:04d}.{suffix}')
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        splits[split] = {'name': split, 'num_samples': SPLITS[split], 'filenames': [name],
-                         'shard_lengths': [SPLITS[split]]}
-    (root / '_info.json').write_text(json.dumps({'splits': splits}))
-    return root
 
 
 def _read_images(root: Path, split: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .checkpoint_io import describe_mismatch, extract_state_dict, read_checkpoin
 from .data_config import channel_stats
 from .dtypes import DTYPES
 from .errors import CheckpointError, RunFolderError, TeacherError
+from .naflex import PATCHES, affine_patches, is_naflex_batch
 from .pretrained import HUB_WEIGHT_FILES, cached_weights_file, pretrained_unavailable
 from .run_folder import RunFolder, architecture_kwargs
 
@@ -84,7 +85,9 @@ class SelfTeacher(nn.Module):
 
     It is always in eval mode, runs under ``torch.inference_mode()``, has no trainable parameters, and keeps its
     weights out of the student's checkpoint and optimizer (the tasks only ever hand the student to those). Inputs
-    normalized for the student are re-normalized for the teacher when their statistics differ.
+    normalized for the student are re-normalized for the teacher when their statistics differ: images per channel,
+    NaFlex batches (dicts from timm's NaFlex loader) in their patch values, per channel in the layout
+    :attr:`patch_channels_last` names, with coordinates and valid-patch mask unchanged.
 
     Args:
         model: The teacher network, with weights loaded.
@@ -93,6 +96,7 @@ class SelfTeacher(nn.Module):
         teacher_mean: Mean the teacher was trained with (defaults to the student's).
         teacher_std: Std the teacher was trained with (defaults to the student's).
         identity: Where the weights came from and their checksum, for run metadata.
+        patch_channels_last: Layout of NaFlex patch values: P-P-C (timm's default), or C-P-P when False.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class SelfTeacher(nn.Module):
             teacher_mean: Optional[Sequence[float]] = None,
             teacher_std: Optional[Sequence[float]] = None,
             identity: Optional[Dict[str, Any]] = None,
+            patch_channels_last: bool = True,
     ):
         super().__init__()
         self.model = model.eval()
@@ -119,6 +124,7 @@ class SelfTeacher(nn.Module):
         self.register_buffer('input_gain', gain.view(1, -1, 1, 1), persistent=False)
         self.register_buffer('input_offset', offset.view(1, -1, 1, 1), persistent=False)
         self.identity = identity or {}
+        self.patch_channels_last = patch_channels_last
         self.channels_last = False
         self.compute_dtype = torch.float32
         self._set_forward(self.model)
@@ -180,15 +186,22 @@ class SelfTeacher(nn.Module):
             raise TeacherError(f'teacher speed-ups changed the logits by {error:.2e} relative (> {tolerance:g})')
         return self
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: Union[torch.Tensor, Dict[str, Any]]) -> Union[torch.Tensor, Dict[str, Any]]:
+        if is_naflex_batch(x):
+            patches = x[PATCHES]
+            if self.renormalize:
+                patches = affine_patches(patches, self.input_gain.flatten(), self.input_offset.flatten(),
+                                         self.patch_channels_last)
+            return {**x, PATCHES: patches.to(self.compute_dtype)}
         if self.renormalize:
             x = x * self.input_gain + self.input_offset
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits (float32, outside inference mode so autograd may read them)."""
+    def forward(self, x: Union[torch.Tensor, Dict[str, Any]]) -> torch.Tensor:
+        """Teacher logits (float32, outside inference mode so autograd may read them) for a batch of images or a
+        NaFlex batch."""
         with torch.inference_mode():
             logits = self._forward_model(self._prepare(x)).float()
         return logits.clone()

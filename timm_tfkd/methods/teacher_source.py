@@ -9,6 +9,7 @@ from timm.utils import unwrap_model
 from ..data_config import resolve_student_data_config
 from ..dtypes import DTYPES
 from ..errors import TeacherError
+from ..naflex import layout_name, reads_naflex_problem
 from ..teacher import SelfTeacher, create_self_teacher
 from .base import Flag
 
@@ -77,6 +78,10 @@ def create_teacher_from_args(
         student_std=config['std'],
         device=device,
     )
+    if getattr(args, 'naflex_loader', False):
+        _check_reads_student_patches(args, teacher, student, device)
+    for size in getattr(args, 'train_img_sizes', None) or ():
+        _check_takes_image_size(args, teacher, student.in_chans, size, device)
     if args.tfkd_teacher_channels_last or args.tfkd_teacher_fuse_bn or args.tfkd_teacher_dtype != 'float32' \
             or args.tfkd_teacher_compile:
         example = torch.randn(2, *config['input_size'], generator=torch.Generator().manual_seed(0)).to(device)
@@ -88,3 +93,37 @@ def create_teacher_from_args(
             compile=args.tfkd_teacher_compile,
         )
     return teacher
+
+
+def _check_reads_student_patches(args: argparse.Namespace, teacher: SelfTeacher, student: nn.Module,
+                                 device: Optional[torch.device]) -> None:
+    """With timm's NaFlex loader the teacher is fed the student's patches (made at the student's patch size, in the
+    loader's layout) and re-normalizes their values in that layout: it must be a NaFlex model that reads them.
+
+    Raises:
+        TeacherError: It is not, or it reads another patch size or layout.
+    """
+    channels_last = not args.naflex_patchify_channels_first
+    teacher.patch_channels_last = channels_last
+    sizes = [(size, size) for size in args.naflex_patch_sizes] if args.naflex_patch_sizes else \
+        [tuple(student.get_patch_size())]
+    problem = reads_naflex_problem(teacher.model, sizes, student.in_chans, channels_last,
+                                   unflattened=bool(args.naflex_patch_sizes), device=device)
+    if problem:
+        raise TeacherError(f"teacher '{teacher.identity.get('model')}' cannot learn beside the student on "
+                           f"--naflex-loader batches ({layout_name(channels_last)} patches): {problem}")
+
+
+def _check_takes_image_size(args: argparse.Namespace, teacher: SelfTeacher, channels: int, size: int,
+                            device: Optional[torch.device]) -> None:
+    """With --train-img-sizes the teacher sees each batch at the student's size of that batch: it must take them all.
+
+    Raises:
+        TeacherError: Its forward fails at ``size``.
+    """
+    try:
+        teacher(torch.zeros(1, channels, size, size, device=device))
+    except Exception as e:  # any failure of the forward: the teacher cannot take this size
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TeacherError(f"teacher '{teacher.identity.get('model')}' cannot take the {size}x{size} images of "
+                           f"--train-img-sizes ({detail})") from None

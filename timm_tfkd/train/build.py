@@ -4,7 +4,7 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from ..dtypes import DTYPES
 from ..errors import UsageError
 from ..factory import create_tfkd_task
 from ..methods import get_method
+from ..naflex import layout_name, reads_naflex_problem
 from ..pretrained import pretrained_unavailable
 from ..run_folder import architecture_kwargs
 from .weights import LossWeights, pos_weight_value, resolve_loss_weights
@@ -108,6 +109,29 @@ def create_student(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def check_naflex_student(args: argparse.Namespace, model: nn.Module) -> Optional[Tuple[int, int]]:
+    """With ``--naflex-loader``: the student's patch size (the NaFlex loaders patchify at it), once the student is
+    known to read the loader's batches (timm's train.py would fall back to 16 px patches and fail in the forward).
+
+    Returns:
+        The patch size, or None without ``--naflex-loader``.
+
+    Raises:
+        UsageError: The student is not a NaFlex model, or reads another layout or patch size than the loader makes.
+    """
+    if not args.naflex_loader:
+        return None
+    channels_last = not args.naflex_patchify_channels_first
+    patch_size = tuple(model.get_patch_size()) if callable(getattr(model, 'get_patch_size', None)) else None
+    sizes = [(size, size) for size in args.naflex_patch_sizes] if args.naflex_patch_sizes else [patch_size]
+    problem = reads_naflex_problem(model, sizes, student_in_chans(args), channels_last,
+                                   unflattened=bool(args.naflex_patch_sizes))
+    if problem:
+        raise UsageError(f"--naflex-loader: model '{args.model}' cannot train on its {layout_name(channels_last)} "
+                         f"patch batches: {problem}")
+    return patch_size
+
+
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,
                 model_dtype: Optional[torch.dtype]) -> nn.Module:
     """Split batch norms, the device and dtype, channels_last, SyncBatchNorm and TorchScript as asked, in timm's
@@ -122,7 +146,11 @@ def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device
         args.dist_bn = ''  # synchronized BN needs no epoch-end reduction
         model = convert_sync_batchnorm(model)
     if args.torchscript:
-        model = torch.jit.script(model)
+        try:
+            model = torch.jit.script(model)
+        except Exception as e:  # TorchScript's frontend raises many types, each with a source excerpt
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise UsageError(f'--torchscript: TorchScript cannot script {args.model}: {reason}') from None
     return model
 
 

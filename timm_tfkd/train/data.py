@@ -1,13 +1,19 @@
 """Datasets and loaders through timm's pipeline, with input checks that fail before anything is written."""
 import argparse
+import itertools
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, MultiLabelTarget, create_dataset, create_loader
+import torch.distributed as dist
+from timm.data import (
+    AugMixDataset, FastCollateMixup, Mixup, MultiLabelTarget, NaFlexMixup, create_dataset, create_loader,
+    create_naflex_loader,
+)
 from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, Sampler
 
 from ..errors import UsageError
@@ -28,13 +34,50 @@ class Datasets:
 
 
 @dataclass
+class LossScale:
+    """The factor on each batch's loss when the loader's batch size varies, as timm's ``train.py`` applies it.
+
+    Attributes:
+        mode: ``none``, ``sqrt`` or ``linear`` (``--naflex-loss-scale``, ``--variable-batch-loss-scale``): 1, or
+            the batch size over ``reference``, or its square root.
+        reference: The batch size of factor 1: ``--batch-size`` for NaFlex, the size schedule's average for
+            ``--train-img-sizes``.
+        across_ranks: NaFlex under DDP: also this rank's batch over the mean batch of all ranks (the gradient
+            average of DDP weighs every rank alike, whatever its batch).
+    """
+    mode: str
+    reference: float
+    across_ranks: bool = False
+
+    def factor(self, batch_size: int, device: torch.device, world_size: int) -> Union[float, torch.Tensor]:
+        scale = 1.0
+        if self.mode != 'none':
+            scale = batch_size / self.reference
+            if self.mode == 'sqrt':
+                scale = scale ** 0.5
+        if self.across_ranks:
+            total = torch.tensor(float(batch_size), device=device)
+            dist.all_reduce(total)
+            scale = scale * (world_size * batch_size / total)
+        return scale
+
+
+@dataclass
 class TrainData:
-    """Everything the loop needs from the data side."""
+    """Everything the loop needs from the data side.
+
+    Attributes:
+        batch_size_reference: The batch size the learning rate is scaled for (``--batch-size``, or the average of
+            the ``--train-img-sizes`` schedule, as in timm).
+        loss_scale: The per-batch loss factor of a loader whose batch size varies (None: none).
+    """
     loader_train: Any
     loader_eval: Optional[Any]
     mixup_fn: Optional[Callable]
     class_names: List[str]
     num_train_samples: int
+    batch_size_reference: float
+    loss_scale: Optional[LossScale] = None
 
 
 # Dataset kinds whose readers can give multi-label targets (index lists, multi-hot vectors or binary fields).
@@ -45,11 +88,36 @@ def _is_folder_dataset(name: str) -> bool:
     return name in ('', 'folder', 'imagefolder') or name.startswith(('folder/', 'imagefolder/'))
 
 
+class _CheckedMultiLabelTarget(MultiLabelTarget):
+    """timm's multi-label target encoding, whose refusal of a target that does not fit the flags is a one-line
+    :class:`UsageError` naming them (in a loader worker too) instead of a traceback from inside the loader."""
+
+    def __call__(self, target):
+        try:
+            return super().__call__(target)
+        except ValueError as e:
+            given = f"--num-classes {self.num_classes}" + (' --target-format multihot' if self.dense else '')
+            raise UsageError(f'--task multilabel with {given}: a target of the dataset does not fit: {e}') from None
+
+
 def multilabel_target_transform(args: argparse.Namespace) -> Optional[MultiLabelTarget]:
     """timm's encoding of a multi-label target as a float multi-hot vector (None for single-label training)."""
     if args.task != 'multilabel':
         return None
-    return MultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot')
+    return _CheckedMultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot')
+
+
+# Records of each split whose multi-label targets are encoded before a run starts.
+MULTILABEL_PROBE_RECORDS = 32
+
+
+def _read_first_records(dataset: Any, count: int) -> None:
+    if isinstance(dataset, IterableDataset):
+        for _ in itertools.islice(iter(dataset), count):
+            pass
+    else:
+        for index in range(min(count, len(dataset))):
+            dataset[index]
 
 
 def _check_folder_split(data_dir: str, split: str) -> None:
@@ -142,6 +210,13 @@ def load_datasets(args: argparse.Namespace, in_chans: int) -> Datasets:
     names = class_names(train)
     if evaluation is not None:
         check_same_classes(args.train_split, names, args.val_split, class_names(evaluation))
+    if args.task == 'multilabel':
+        # Multi-label datasets name no classes, and reading every target means decoding every image: the first
+        # records of each split show whether --num-classes and --target-format fit before anything is written (a
+        # later record that does not fit stops the run in one line, the last checkpoint kept).
+        for dataset in (train, evaluation):
+            if dataset is not None:
+                _read_first_records(dataset, MULTILABEL_PROBE_RECORDS)
     return Datasets(train, evaluation, names)
 
 
@@ -190,8 +265,11 @@ def create_train_data(
         mixup_smoothing: float,
         device: torch.device,
         model_dtype: Optional[torch.dtype] = None,
+        patch_size: Optional[Tuple[int, int]] = None,
+        verbose: bool = True,
 ) -> TrainData:
-    """Build train and eval loaders exactly as timm's ``train.py`` does, through timm's own factories.
+    """Build train and eval loaders exactly as timm's ``train.py`` does, through timm's own factories: the fixed
+    loader, the scheduled-resolution one (``--train-img-sizes``) or the NaFlex one (``--naflex-loader``).
 
     Args:
         args: Parsed trainer arguments (``args.prefetcher``, ``args.distributed`` already set).
@@ -200,25 +278,23 @@ def create_train_data(
         mixup_smoothing: Label smoothing folded into Mixup / CutMix targets.
         device: The training device.
         model_dtype: The model's dtype, for the images.
+        patch_size: The student's patch size (``get_patch_size()``), for the NaFlex loaders.
+        verbose: Log the loader mode.
 
     Raises:
-        UsageError: The training split holds fewer images than one batch, or the validation split does not divide
-            into the groups of ``--tta``.
+        UsageError: The training split holds fewer images than one batch, is not a map-style dataset where the
+            loader needs one, or the validation split does not divide into the groups of ``--tta``.
     """
     dataset_train, dataset_eval = datasets.train, datasets.eval
+    if (args.naflex_loader or args.train_img_sizes) and isinstance(dataset_train, IterableDataset):
+        raise UsageError(f"{'--naflex-loader' if args.naflex_loader else '--train-img-sizes'} needs a dataset with "
+                         f"random access (e.g. an image folder); '{args.dataset}' is an iterable one")
     if args.aug_splits > 1:
         # Each sample becomes its clean view and aug_splits - 1 augmented ones; the loader lays them out as
         # aug_splits consecutive blocks of the batch, clean first.
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
-
+    channels = data_config['input_size'][0]
     mixup_args = mixup_settings(args, mixup_smoothing)
-    collate_fn = mixup_fn = None
-    if mixup_args is not None:
-        if args.prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-
     common = dict(
         mean=data_config['mean'],
         std=data_config['std'],
@@ -231,9 +307,7 @@ def create_train_data(
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config['interpolation']
-    loader_train = create_loader(
-        dataset_train,
-        input_size=data_config['input_size'],
+    augmentation = dict(
         batch_size=args.batch_size,
         is_training=True,
         no_aug=args.no_aug,
@@ -256,23 +330,128 @@ def create_train_data(
         interpolation=train_interpolation,
         num_workers=args.workers,
         worker_seeding=args.worker_seeding,
-        num_batches=args.train_batches_per_epoch,
-        collate_fn=collate_fn,
-        use_multi_epochs_loader=args.use_multi_epochs_loader,
-        **common,
     )
+    mixup_fn, reference, loss_scale = None, float(args.batch_size), None
+    if args.naflex_loader:
+        loader_train = _create_naflex_train_loader(args, dataset_train, mixup_args, patch_size, channels, common,
+                                                   augmentation)
+        if args.naflex_loss_scale != 'none' or args.distributed:
+            loss_scale = LossScale(args.naflex_loss_scale, reference, across_ranks=args.distributed)
+        if verbose:
+            _logger.info(f"NaFlex loader: sequence lengths {args.naflex_train_seq_lens}, patch size "
+                         f"{args.naflex_patch_sizes or patch_size}, {len(loader_train)} batches/epoch, loss scale "
+                         f"{args.naflex_loss_scale}")
+    else:
+        collate_fn = None
+        if mixup_args is not None:
+            if args.prefetcher:
+                collate_fn = FastCollateMixup(**mixup_args)
+            else:
+                mixup_fn = Mixup(**mixup_args)
+        try:
+            loader_train = create_loader(
+                dataset_train,
+                input_size=data_config['input_size'],
+                input_size_choices=args.train_img_sizes,
+                batch_size_choices=args.train_batch_sizes,
+                batch_choice_weights=args.train_size_probs,
+                batch_choice_seed=args.seed,
+                batch_choice_schedule=args.train_size_schedule,
+                batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+                batch_schedule_spread=args.train_size_schedule_spread,
+                batch_schedule_random_mix=args.train_size_random_mix,
+                num_batches=args.train_batches_per_epoch,
+                collate_fn=collate_fn,
+                use_multi_epochs_loader=args.use_multi_epochs_loader,
+                **common,
+                **augmentation,
+            )
+        except ValueError:  # the size schedule's own check (every other setting is checked before): no batch fits
+            if not args.train_img_sizes:
+                raise
+            raise UsageError(f"the '{args.train_split}' split has {_images_per_process(args, dataset_train)}, too few "
+                             f"for one batch of the --train-img-sizes schedule (batch sizes "
+                             f"{args.train_batch_sizes or [args.batch_size]}): no training step would run; lower "
+                             f"--train-batch-sizes") from None
+        if args.train_img_sizes:
+            schedule = loader_train.batch_sampler
+            reference = schedule.average_batch_size
+            if args.variable_batch_loss_scale != 'none':
+                loss_scale = LossScale(args.variable_batch_loss_scale, reference)
+            if verbose:
+                _logger.info(f'Scheduled resolutions {args.train_img_sizes} with batch sizes '
+                             f'{list(schedule.batch_sizes)} ({args.train_size_schedule}): {len(schedule)} batches/epoch, '
+                             f'average batch size {reference:.2f}')
     if len(loader_train) == 0:
-        per_process = f' ({len(loader_train.sampler)} per process)' if args.distributed else ''
-        raise UsageError(f"the '{args.train_split}' split has {len(dataset_train)} images{per_process}, fewer than one "
-                         f"batch of --batch-size {args.batch_size}: no training step would run; lower --batch-size")
+        raise UsageError(f"the '{args.train_split}' split has {_images_per_process(args, dataset_train)}, fewer than "
+                         f"one batch of --batch-size {args.batch_size}: no training step would run; lower --batch-size")
     loader_eval = None
     if dataset_eval is not None:
-        loader_eval = create_eval_loader(
-            dataset_eval, data_config, args.validation_batch_size or args.batch_size, args.workers, device,
-            model_dtype, args.prefetcher, distributed=args.distributed, pin_memory=args.pin_mem)
-        if args.tta > 1:
-            check_tta_groups(args.tta, loader_eval, args.validation_batch_size or args.batch_size)
-    return TrainData(loader_train, loader_eval, mixup_fn, datasets.class_names, len(dataset_train))
+        eval_batch_size = args.validation_batch_size or args.batch_size
+        if args.naflex_loader:
+            loader_eval = create_naflex_loader(
+                dataset_eval, patch_size=patch_size, max_seq_len=args.naflex_max_seq_len,
+                patchify_channels_last=not args.naflex_patchify_channels_first, channels=channels,
+                batch_size=eval_batch_size, is_training=False, interpolation=data_config['interpolation'],
+                num_workers=args.workers, crop_pct=data_config['crop_pct'], **common)
+        else:
+            loader_eval = create_eval_loader(
+                dataset_eval, data_config, eval_batch_size, args.workers, device, model_dtype, args.prefetcher,
+                distributed=args.distributed, pin_memory=args.pin_mem)
+            if args.tta > 1:
+                check_tta_groups(args.tta, loader_eval, eval_batch_size)
+    return TrainData(loader_train, loader_eval, mixup_fn, datasets.class_names, len(dataset_train), reference,
+                     loss_scale)
+
+
+def _images_per_process(args: argparse.Namespace, dataset: Any) -> str:
+    per_process = f' ({math.ceil(len(dataset) / args.world_size)} per process)' if args.distributed else ''
+    return f'{len(dataset)} images{per_process}'
+
+
+def _create_naflex_train_loader(args: argparse.Namespace, dataset: Any, mixup_args: Optional[Dict[str, Any]],
+                                patch_size: Optional[Tuple[int, int]], channels: int, common: Dict[str, Any],
+                                augmentation: Dict[str, Any]):
+    """timm's NaFlex training loader, with ``NaFlexMixup`` when Mixup / CutMix is on (timm's train.py settings).
+
+    Its batch order and sequence-length schedule follow ``--seed``, and Mixup stops at ``--mixup-off-epoch`` (the
+    loader tells its Mixup the epoch, in every worker).
+    """
+    mixup_fn = None
+    if mixup_args is not None:
+        # NaFlexMixup pairs images of different sizes: it has no per-element mode and no CutMix bounds.
+        settings = {key: value for key, value in mixup_args.items() if key not in ('mode', 'cutmix_minmax')}
+        mixup_fn = NaFlexMixup(**settings, mixup_off_epoch=args.mixup_off_epoch)
+    if args.naflex_patch_sizes:
+        patches = dict(patch_size_choices=args.naflex_patch_sizes, patch_size_choice_probs=args.naflex_patch_size_probs)
+    else:
+        patches = dict(patch_size=patch_size)
+    return create_naflex_loader(
+        dataset,
+        train_seq_lens=args.naflex_train_seq_lens,
+        mixup_fn=mixup_fn,
+        rank=args.rank,
+        world_size=args.world_size,
+        seed=args.seed,
+        channels=channels,
+        patchify_channels_last=not args.naflex_patchify_channels_first,
+        **patches,
+        **common,
+        **augmentation,
+    )
+
+
+def set_loader_epoch(loader: Any, train_sampler: Optional['TrainSampler'], epoch: int) -> None:
+    """Tell the training loader the epoch, as timm's ``train.py`` does: its dataset (the NaFlex schedule), then its
+    batch sampler (the ``--train-img-sizes`` schedule) or else its sampler (here: the :class:`TrainSampler`)."""
+    dataset = getattr(loader, 'dataset', None)
+    if hasattr(dataset, 'set_epoch'):
+        dataset.set_epoch(epoch)
+    target = train_sampler or getattr(loader, 'batch_sampler', None)
+    if not hasattr(target, 'set_epoch'):
+        target = getattr(loader, 'sampler', None)
+    if hasattr(target, 'set_epoch'):
+        target.set_epoch(epoch)
 
 
 def check_tta_groups(tta: int, loader: Any, batch_size: int) -> None:
@@ -382,8 +561,9 @@ def install_train_sampler(loader: Any, seed: int, rank: int = 0) -> Optional[Tra
     """Put a :class:`TrainSampler` inside a training loader from timm's ``create_loader``.
 
     Returns:
-        The sampler, or None for loaders whose order it cannot own: iterable datasets, and
-        ``--use-multi-epochs-loader`` (its workers draw the next epoch before the loop starts it).
+        The sampler, or None for loaders whose order it cannot own: iterable datasets (the NaFlex loader's batches
+        come from one), ``--use-multi-epochs-loader`` (its workers draw the next epoch before the loop starts it)
+        and ``--train-img-sizes`` (timm's scheduled batch sampler draws sizes and indices together).
     """
     data_loader = getattr(loader, 'loader', loader)  # timm's PrefetchLoader wraps the DataLoader
     batch_sampler = getattr(data_loader, 'batch_sampler', None)

@@ -15,8 +15,9 @@ from timm.utils import dispatch_clip_grad
 from torchvision.utils import save_image
 
 from ..errors import NonFiniteLossError
+from ..naflex import batch_size_of, is_naflex_batch, move_batch
 from ..tasks import EpochHooks, SampleIndexed
-from .data import TrainSampler
+from .data import LossScale, TrainSampler
 from .metrics import ClassificationMetrics, MultiLabelMetrics
 
 _logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class LoopContext:
     num_epochs: int = 0
     train_sampler: Optional[TrainSampler] = None
     image_folder: Optional[Path] = None  # --save-images: where the logged training batches are written
+    loss_scale: Optional[LossScale] = None
 
 
 class _Average:
@@ -93,7 +95,21 @@ def _reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
-def _prepare_batch(ctx: LoopContext, input: torch.Tensor, target: torch.Tensor):
+def _to_device(input, target, device: torch.device, dtype: Optional[torch.dtype]):
+    """A batch on the device: images cast to ``dtype``, or a NaFlex dict whose patch values are."""
+    if is_naflex_batch(input):
+        return move_batch(input, device, dtype), target.to(device=device)
+    return input.to(device=device, dtype=dtype), target.to(device=device)
+
+
+def _in_memory_format(input, channels_last: bool):
+    """Images in channels_last when asked; NaFlex patches keep the layout their loader made."""
+    if channels_last and not is_naflex_batch(input):
+        return input.contiguous(memory_format=torch.channels_last)
+    return input
+
+
+def _prepare_batch(ctx: LoopContext, input, target):
     args = ctx.args
     if isinstance(input, (list, tuple)):
         # AugMix splits without the prefetcher arrive as one tensor per split: lay them out as timm's fast collate
@@ -101,12 +117,10 @@ def _prepare_batch(ctx: LoopContext, input: torch.Tensor, target: torch.Tensor):
         target = target.repeat(len(input))
         input = torch.cat(input)
     if not args.prefetcher:
-        input, target = input.to(device=ctx.device, dtype=ctx.model_dtype), target.to(device=ctx.device)
+        input, target = _to_device(input, target, ctx.device, ctx.model_dtype)
         if ctx.mixup_fn is not None:
             input, target = ctx.mixup_fn(input, target)
-    if args.channels_last:
-        input = input.contiguous(memory_format=torch.channels_last)
-    return input, target
+    return _in_memory_format(input, args.channels_last), target
 
 
 def _backward_and_step(ctx: LoopContext, loss: torch.Tensor, need_update: bool) -> None:
@@ -173,18 +187,21 @@ def train_one_epoch(ctx: LoopContext, loader, epoch: int, resumed: Optional[Epoc
         steps_in_update = accum_steps if batch_idx < last_accum_start else num_batches - last_accum_start
         need_update = batch_idx + 1 == num_batches or (batch_idx + 1) % accum_steps == 0
         input, target = _prepare_batch(ctx, input, target)
+        batch_size = batch_size_of(input)
         if indexed:  # an AugMix batch holds aug_splits views of each sample
-            task.set_sample_index(ctx.train_sampler.take(input.shape[0] // max(args.aug_splits, 1)))
+            task.set_sample_index(ctx.train_sampler.take(batch_size // max(args.aug_splits, 1)))
         with task.no_sync() if has_no_sync and not need_update else nullcontext():
             with ctx.amp_autocast():
                 result = task(input, target)
             loss = result['loss']
-            _backward_and_step(ctx, loss / steps_in_update if steps_in_update > 1 else loss, need_update)
+            update_loss = loss / steps_in_update if steps_in_update > 1 else loss
+            if ctx.loss_scale is not None:  # batches of varying size (timm's --naflex-loss-scale and its kin)
+                update_loss = update_loss * ctx.loss_scale.factor(batch_size, ctx.device, args.world_size)
+            _backward_and_step(ctx, update_loss, need_update)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f'non-finite loss ({loss_value}) at epoch {epoch}, step {batch_idx}; '
                                      f'the last saved checkpoint is unchanged')
-        batch_size = input.shape[0]
         samples += batch_size
         update_samples += batch_size
         loss_sum += loss_value * batch_size
@@ -261,9 +278,8 @@ def measure(
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
             if not prefetcher:
-                input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
-            if channels_last:
-                input = input.contiguous(memory_format=torch.channels_last)
+                input, target = _to_device(input, target, device, model_dtype)
+            input = _in_memory_format(input, channels_last)
             with amp_autocast():
                 output = model(input)
             if isinstance(output, (tuple, list)):

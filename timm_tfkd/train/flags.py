@@ -669,13 +669,13 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Weights & Biases run to resume (needs --resume).')
     group.add_argument(
         '--train-img-sizes', default=None, nargs='+', type=int, metavar='N',
-        help='Image sizes for variable-resolution training (not supported by this trainer).')
+        help='Square image sizes for scheduled-resolution training: each batch has one of them.')
     group.add_argument(
         '--train-batch-sizes', default=None, nargs='+', type=int, metavar='N',
-        help='Batch size for each of --train-img-sizes (not supported by this trainer).')
+        help='Batch size for each of --train-img-sizes (default: --batch-size for every size).')
     group.add_argument(
         '--train-size-probs', default=None, nargs='+', type=float, metavar='PROB',
-        help='Sampling probability of each of --train-img-sizes (not supported by this trainer).')
+        help='Sampling weight of each of --train-img-sizes (default: uniform).')
     group.add_argument(
         '--train-size-schedule', default='constant', type=str, choices=['constant', 'progressive'],
         help='How variable-resolution sampling evolves over training.')
@@ -690,16 +690,18 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Fixed number of training batches per epoch.')
     group.add_argument(
         '--variable-batch-loss-scale', default='none', type=str, choices=['none', 'sqrt', 'linear'],
-        help='Loss scaling when the batch size varies.')
+        help='Scale each --train-img-sizes batch loss by its batch size over the schedule average (linear), its '
+             'square root, or not.')
     group.add_argument(
         '--naflex-loader', action='store_true', default=False,
-        help='NaFlex variable-resolution loader (not supported by this trainer).')
+        help="timm's NaFlex loader: batches of patch sequences at native aspect ratio (needs a NaFlex model, e.g. "
+             "naflexvit_*).")
     group.add_argument(
         '--naflex-train-seq-lens', default=[128, 256, 576, 784, 1024], nargs='+', type=int, metavar='N',
         help='Patch sequence lengths of the NaFlex loader.')
     group.add_argument(
         '--naflex-max-seq-len', default=576, type=int, metavar='N',
-        help='Longest patch sequence of the NaFlex loader.')
+        help='Patch sequence length of the NaFlex validation loader.')
     group.add_argument(
         '--naflex-patch-sizes', default=None, nargs='+', type=int, metavar='N',
         help='Patch sizes the NaFlex loader draws from.')
@@ -708,7 +710,8 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
         help='Probability of each of --naflex-patch-sizes.')
     group.add_argument(
         '--naflex-loss-scale', default='linear', type=str, choices=['none', 'sqrt', 'linear'],
-        help='Loss scaling across NaFlex sequence lengths.')
+        help='Scale each NaFlex batch loss by its batch size over --batch-size (linear), its square root, or '
+             'not.')
     group.add_argument(
         '--naflex-patchify-channels-first', action='store_true', default=False,
-        help='Patchify NaFlex inputs in channels-first order.')
+        help='NaFlex patches in C-P-P order (channel slowest) instead of P-P-C; the model must read the same.')

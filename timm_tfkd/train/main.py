@@ -38,12 +38,15 @@ from ..run_folder import SUMMARY_FILE, RunFolder, RunRecord
 from ..tasks import SampleIndexed
 from ..version import __version__
 from .build import (
-    Precision, available_device, create_optimizer, create_precision, create_student, create_task, place_model, resolve_lr,
-    student_in_chans,
+    Precision, available_device, check_naflex_student, create_optimizer, create_precision, create_student, create_task,
+    place_model, resolve_lr, student_in_chans,
 )
 from .checkpoint import create_saver, load_resume_point, restore_ema, restore_rng_state, restore_training_state
 from .config import CommandLine, parse_args
-from .data import TrainData, TrainSampler, create_train_data, install_train_sampler, load_datasets, resolve_num_classes
+from .data import (
+    TrainData, TrainSampler, create_train_data, install_train_sampler, load_datasets, resolve_num_classes,
+    set_loader_epoch,
+)
 from .engine import LoopContext, train_one_epoch, validate
 from .flags import create_parser
 from .loggers import EpochLoggers, create_epoch_loggers, epoch_row
@@ -144,6 +147,7 @@ def _prepare(command_line: CommandLine) -> Run:
     model = create_student(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
+    patch_size = check_naflex_student(args, model)
     try:
         get_method(args.tfkd_mode).check(args, num_classes=args.num_classes)
     except ValueError as e:
@@ -153,19 +157,21 @@ def _prepare(command_line: CommandLine) -> Run:
     check_smoothing(args, smoothing)
     folded = mixup_smoothing(args, smoothing) if mixup_active(args) else None
     model = place_model(args, model, device, precision.model_dtype)
-    data = create_train_data(args, datasets, data_config, folded or 0.0, device, precision.model_dtype)
+    data = create_train_data(args, datasets, data_config, folded or 0.0, device, precision.model_dtype,
+                             patch_size=patch_size, verbose=primary)
     train_sampler = install_train_sampler(data.loader_train, args.seed, args.rank)
     task = create_task(args, model, smoothing, folded, data_config, data.num_train_samples, device,
                        precision.model_dtype, primary)
     if isinstance(task, SampleIndexed) and train_sampler is None:
         raise UsageError(f'--tfkd-mode {args.tfkd_mode} needs the dataset index of every training sample, which this '
-                         f'loader cannot give (an iterable dataset or --use-multi-epochs-loader)')
+                         f'loader cannot give (an iterable dataset, --use-multi-epochs-loader, --train-img-sizes or '
+                         f'--naflex-loader)')
     if primary:
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters. '
                      f'{smoothing_note}.')
         if args.aug_splits > 1:
             _logger.info(aug_splits_note(args))
-    resolve_lr(args, args.batch_size)
+    resolve_lr(args, data.batch_size_reference)
     optimizer = create_optimizer(args, task)
     eval_metric = args.eval_metric if data.loader_eval is not None else 'loss'
     updates_per_epoch = (len(data.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
@@ -357,15 +363,14 @@ def _train_epochs(run: Run, folder: Optional[RunFolder], loggers: EpochLoggers) 
         loss_scaler=run.precision.loss_scaler, lr_scheduler=run.lr_scheduler, mixup_fn=run.data.mixup_fn,
         model_dtype=run.precision.model_dtype, is_primary=run.primary,
         save_recovery=_recovery_saver(saver, folder) if saver is not None else None, num_epochs=run.num_epochs,
-        train_sampler=run.train_sampler, image_folder=folder.path if folder is not None and args.save_images else None,
+        train_sampler=run.train_sampler, loss_scale=run.data.loss_scale,
+        image_folder=folder.path if folder is not None and args.save_images else None,
     )
     results = Results()
     final, final_ema = None, None
     with loggers:  # closed also when the run fails
         for epoch in range(start_epoch, end_epoch):
-            sampler = run.train_sampler or getattr(run.data.loader_train, 'sampler', None)
-            if hasattr(sampler, 'set_epoch'):
-                sampler.set_epoch(epoch)
+            set_loader_epoch(run.data.loader_train, run.train_sampler, epoch)
             if resumed is not None:
                 run.train_sampler.skip_next(resumed.batches * args.batch_size)
             train_metrics = train_one_epoch(ctx, run.data.loader_train, epoch, resumed)

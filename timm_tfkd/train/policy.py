@@ -21,15 +21,6 @@ from .loggers import check_logging_args
 from .publish import check_hub_args
 from .weights import check_loss_weights, pos_weight_value
 
-# timm flags the trainer accepts (so timm commands parse) but refuses when set away from their default.
-UNSUPPORTED_FLAGS = {
-    'naflex_loader': 'NaFlex variable-resolution loader',
-    'train_img_sizes': 'variable-resolution training',
-    'train_batch_sizes': 'variable-resolution training',
-    'train_size_probs': 'variable-resolution training',
-}
-
-
 # A rule returns what is wrong with a value ("must be >= 1"), or None. Written as `not (inside)` so NaN fails too.
 Rule = Callable[[Any], Optional[str]]
 
@@ -110,6 +101,10 @@ VALUE_RULES: Dict[str, Rule] = {
     'multilabel_threshold': _within(0.0, 1.0, include_high=False),
     'loss_weight_power': _optional(NON_NEGATIVE), 'loss_weight_beta': _within(0.0, 1.0, include_high=False),
     'loss_weight_max': _optional(POSITIVE),
+    'train_img_sizes': _optional(_each(COUNT)), 'train_batch_sizes': _optional(_each(COUNT)),
+    'train_size_probs': _optional(_each(NON_NEGATIVE)), 'train_size_schedule_spread': NON_NEGATIVE,
+    'train_size_random_mix': PROBABILITY, 'naflex_train_seq_lens': _each(COUNT), 'naflex_max_seq_len': COUNT,
+    'naflex_patch_sizes': _optional(_each(COUNT)), 'naflex_patch_size_probs': _optional(_each(NON_NEGATIVE)),
 }
 DEFAULT_OUTPUT = './output/train'  # timm's train.py default for --output
 # The TorchScript fusers of timm's set_jit_fuser that torch still has ('' leaves torch's default); its 'nvfuser' /
@@ -150,8 +145,80 @@ def _option_string(parser: argparse.ArgumentParser, dest: str) -> str:
     return next(action.option_strings[-1] for action in parser._actions if action.dest == dest)
 
 
+# The flags of each variable-resolution loader mode, which the other modes do not read (timm ignores them there).
+SCHEDULED_FLAGS = ('train_batch_sizes', 'train_size_probs', 'train_size_schedule', 'train_size_schedule_spread',
+                   'train_size_random_mix', 'train_batches_per_epoch', 'variable_batch_loss_scale')
+NAFLEX_FLAGS = ('naflex_train_seq_lens', 'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs',
+                'naflex_loss_scale', 'naflex_patchify_channels_first')
+
+
+def _check_choice_lengths(parser: argparse.ArgumentParser, choices: str, values: str, args) -> None:
+    """One value of ``values`` (weights or batch sizes) for each of ``choices``; weights that can be normalized."""
+    given = getattr(args, values)
+    if given is None:
+        return
+    count = len(getattr(args, choices))
+    if len(given) != count:
+        raise UsageError(f'{_option_string(parser, values)} needs one value for each of the {count} '
+                         f'{_option_string(parser, choices)}, got {len(given)}')
+    if values.endswith('probs') and not (math.isfinite(sum(given)) and sum(given) > 0):
+        raise UsageError(f"{_option_string(parser, values)} must have a finite, positive sum, got "
+                         f"{' '.join(f'{v:g}' for v in given)}")
+
+
+def check_loader_mode(args: argparse.Namespace) -> List[str]:
+    """Refuse what timm's variable-resolution loaders cannot take (the combinations timm's train.py refuses, and
+    those its loaders fail on); warn of loader flags the chosen mode does not read.
+
+    Returns:
+        Warnings for the log.
+
+    Raises:
+        UsageError: The first problem found, as one line.
+    """
+    parser = create_parser()
+    if args.naflex_loader and args.train_img_sizes is not None:
+        raise UsageError('--naflex-loader and --train-img-sizes are alternative loader modes; use one of them')
+    if args.use_multi_epochs_loader and (args.naflex_loader or args.train_img_sizes is not None):
+        mode = '--naflex-loader' if args.naflex_loader else '--train-img-sizes'
+        raise UsageError(f'--use-multi-epochs-loader cannot be combined with {mode} (timm does not support it)')
+    if args.naflex_loader and args.aug_splits > 1:
+        raise UsageError("--aug-splits cannot be combined with --naflex-loader (timm's NaFlex loader has no AugMix "
+                         "splits)")
+    if args.naflex_loader and args.save_images:
+        raise UsageError('--save-images cannot be combined with --naflex-loader: its batches are patch sequences, '
+                         'not images')
+    if args.naflex_loader and args.aug_repeats:
+        raise UsageError("--aug-repeats cannot be combined with --naflex-loader (timm's NaFlex loader does not "
+                         "support repeated augmentation)")
+    if args.train_img_sizes is not None:
+        _check_choice_lengths(parser, 'train_img_sizes', 'train_batch_sizes', args)
+        _check_choice_lengths(parser, 'train_img_sizes', 'train_size_probs', args)
+        if args.train_size_schedule == 'progressive' and len(args.train_img_sizes) < 2:
+            raise UsageError('--train-size-schedule progressive needs at least two --train-img-sizes, got '
+                             f'{len(args.train_img_sizes)}')
+    if args.naflex_patch_sizes is not None:
+        _check_choice_lengths(parser, 'naflex_patch_sizes', 'naflex_patch_size_probs', args)
+    unread = [
+        (SCHEDULED_FLAGS if args.train_img_sizes is None else (), 'without --train-img-sizes'),
+        (NAFLEX_FLAGS if not args.naflex_loader else (), 'without --naflex-loader'),
+        (('naflex_patch_size_probs',) if args.naflex_loader and args.naflex_patch_sizes is None else (),
+         'without --naflex-patch-sizes'),
+        (('mixup_mode', 'cutmix_minmax') if args.naflex_loader else (), 'with --naflex-loader (NaFlex Mixup has '
+                                                                         'neither)'),
+    ]
+    warnings = []
+    for dests, where in unread:
+        options = [_option_string(parser, dest) for dest in dests if getattr(args, dest) != parser.get_default(dest)]
+        if options:
+            warnings.append(f"{', '.join(options)} {'has' if len(options) == 1 else 'have'} no effect {where}, as in "
+                            f"timm")
+    return warnings
+
+
 def check_supported(args: argparse.Namespace) -> None:
-    """Refuse flags the trainer does not implement yet and method settings that cannot work.
+    """Refuse what the chosen method does not support: targets that do not fit ``--task``, timm losses and
+    distillation beside a Tf-KD loss, and the method's own settings that cannot work.
 
     Args:
         args: Parsed arguments.
@@ -159,11 +226,6 @@ def check_supported(args: argparse.Namespace) -> None:
     Raises:
         UsageError: The first problem found, as one line.
     """
-    parser = create_parser()
-    for dest, reason in UNSUPPORTED_FLAGS.items():
-        if getattr(args, dest) != parser.get_default(dest):
-            raise UsageError(f"{_option_string(parser, dest)} is not supported by the Tf-KD trainer yet ({reason}); "
-                             f"remove it or use timm's train.py")
     method = get_method(args.tfkd_mode)
     check_task(args)
     if not method.uses_timm_criterion:
@@ -380,7 +442,7 @@ def check_config(args: argparse.Namespace, explicit: Set[str]) -> List[str]:
     check_values(args)
     check_aug_splits(args)
     check_scripting(args)
-    warnings = check_loss_weights(args)
+    warnings = check_loss_weights(args) + check_loader_mode(args)
     check_hub_args(args)
     check_logging_args(args)
     check_writable_folder(args.output or DEFAULT_OUTPUT, '--output')
