@@ -17,7 +17,7 @@ import pytest
 import torch
 from timm.task import TrainingTask
 
-import timm_tfkd.train.main as trainer_main
+import timm_tfkd.train.setup as trainer_setup
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.data_config import resolve_student_data_config
 from timm_tfkd.methods import get_method
@@ -231,7 +231,7 @@ def build_in_trainer(argv: Sequence[str]) -> Tuple[Any, TrainingTask]:
     built: Dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as patch:
         for name, stop in (('create_train_data', False), ('create_task', True)):
-            patch.setattr(trainer_main, name, _keeping(getattr(trainer_main, name), name, built, stop))
+            patch.setattr(trainer_setup, name, _keeping(getattr(trainer_setup, name), name, built, stop))
         try:
             code = call_main(argv)
         except _Built:

@@ -11,7 +11,8 @@ from timm.loss import LOSS_TYPES
 from timm_tfkd.errors import UsageError
 from timm_tfkd.train.config import args_to_yaml, parse_args as parse_command_line
 from timm_tfkd.train.flags import TIMM_1_0_31_FLAGS, create_parser
-from timm_tfkd.train.policy import check_supported, check_values, resolve_smoothing
+from timm_tfkd.train.policy import check_supported, resolve_smoothing
+from timm_tfkd.train.values import check_values
 
 with open(os.path.join(os.path.dirname(__file__), 'data', 'timm_train_args.json')) as _f:
     TIMM_ARGS = json.load(_f)['args']

@@ -13,7 +13,8 @@ from .checkpoint_io import load_state_dict_file
 from .errors import EvaluationError, TfKDError
 from .run_folder import MULTILABEL_TASK, RunFolder, metric_names
 from .train.build import available_device, create_precision
-from .train.data import class_names, create_eval_loader, create_split_dataset
+from .train.data import create_eval_loader
+from .train.splits import class_names, create_split_dataset
 from .train.engine import measure
 from .train.flags import create_parser
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
-from .losses import DEFAULT_ALPHA, DEFAULT_CORRECT_PROB, DEFAULT_TEMPERATURE
+from .loss_settings import DEFAULT_ALPHA, DEFAULT_CORRECT_PROB, DEFAULT_TEMPERATURE
 from .methods import SMOOTHING_EPSILON, SMOOTHING_EXPLICIT, Method, TaskContext, get_method, registered_flags
 from .teacher import SelfTeacher
 

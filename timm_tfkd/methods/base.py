@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
-from ..losses import check_choice
+from ..loss_settings import check_choice
 from ..teacher import SelfTeacher
 
 # How a method treats timm's --smoothing (default 0.1 in timm):

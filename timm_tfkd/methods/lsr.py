@@ -6,7 +6,8 @@ by epsilon, ``t * (1 - eps) + eps / 2``, applied by the loss (never folded into 
 from timm.loss import JsdCrossEntropy, create_classification_loss
 from timm.task import ClassificationTask, MultiLabelClassificationTask
 
-from ..losses import SMOOTHING_CONVENTIONS, LabelSmoothingLoss
+from ..loss_settings import SMOOTHING_CONVENTIONS
+from ..losses import LabelSmoothingLoss
 from .base import AUG_SPLITS_ALL, SMOOTHING_EPSILON, Flag, Method
 
 SMOOTHING_CONVENTION = Flag(

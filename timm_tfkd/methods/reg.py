@@ -5,7 +5,8 @@ The virtual teacher puts probability ``a`` (``--tfkd-correct-prob``) on the true
 """
 from timm.utils import unwrap_model
 
-from ..losses import DEFAULT_CORRECT_PROB, VirtualTeacherLoss, check_correct_prob
+from ..loss_settings import DEFAULT_CORRECT_PROB, check_correct_prob
+from ..losses import VirtualTeacherLoss
 from ..tasks import TfKDRegTask
 from .base import Flag, Method
 from .shared_flags import ALPHA, FORMULA, MULTIPLIER, TEMPERATURE

@@ -1,5 +1,5 @@
 """Flags that several methods read (each lists the ones it uses; the registry declares each flag once)."""
-from ..losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FORMULAS, check_positive, check_unit_interval
+from ..loss_settings import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, FORMULAS, check_positive, check_unit_interval
 from .base import Flag
 
 ALPHA = Flag(
