@@ -52,9 +52,9 @@ def teacher_uses(monkeypatch) -> List[dict]:
         seen.append({'input': input.detach().clone()})
         return real_forward(self, input, target)
 
-    def terms(self, logits, teacher_logits, target):
+    def terms(self, logits, teacher_logits, target, **kwargs):
         seen[-1]['teacher_logits'] = teacher_logits.detach().clone()
-        return real_terms(self, logits, teacher_logits, target)
+        return real_terms(self, logits, teacher_logits, target, **kwargs)
 
     monkeypatch.setattr(TfKDSelfTask, 'forward', forward)
     monkeypatch.setattr(SelfDistillLoss, 'terms', terms)
