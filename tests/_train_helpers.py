@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
+import timm
 import torch
+import torch.nn as nn
 from timm.task import TrainingTask
 
 import timm_tfkd.train.setup as trainer_setup
@@ -246,3 +248,28 @@ def _keeping(real, name: str, built: Dict[str, Any], stop: bool):
             raise _Built
         return built[name]
     return spy
+
+
+class FixedLogits(nn.Module):
+    """Stands in for the student's forward: the loss sees exactly the test's logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def random_network(name: str, num_classes: int, seed: int) -> nn.Module:
+    """A timm network in eval mode whose batch norms have non-trivial running statistics (a teacher left in train
+    mode would differ) and whose logits are spread like a trained model's."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=num_classes, pretrained=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+        model.get_classifier().weight.mul_(20.0)
+    return model.eval()

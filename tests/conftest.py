@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from timm_tfkd import SelfDistillLoss, TfKDSelfTask
+
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 16, channels: int = 3,
                        splits=('train', 'validation'), seed: int = 0) -> Path:
@@ -52,6 +54,32 @@ def workdir(request, tmp_path_factory) -> Path:
 def data_dir(workdir) -> Path:
     """The module's 3-class, 16 px RGB image folder with train and validation splits (8 images per class)."""
     return write_image_folder(workdir / 'data')
+
+
+def _detached_copy(batch):
+    if isinstance(batch, dict):  # a NaFlex batch: patches, coordinates, valid mask
+        return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch.detach().clone()
+
+
+@pytest.fixture
+def teacher_uses(monkeypatch) -> List[dict]:
+    """Each training step of a self / kd task: the batch it got (``input``) and the teacher logits its loss was given
+    (``teacher_logits``)."""
+    seen: List[dict] = []
+    real_forward, real_terms = TfKDSelfTask.forward, SelfDistillLoss.terms
+
+    def forward(self, input, target):
+        seen.append({'input': _detached_copy(input)})
+        return real_forward(self, input, target)
+
+    def terms(self, logits, teacher_logits, target, **kwargs):
+        seen[-1]['teacher_logits'] = teacher_logits.detach().clone()
+        return real_terms(self, logits, teacher_logits, target, **kwargs)
+
+    monkeypatch.setattr(TfKDSelfTask, 'forward', forward)
+    monkeypatch.setattr(SelfDistillLoss, 'terms', terms)
+    return seen
 
 
 @pytest.fixture(autouse=True)

@@ -17,13 +17,13 @@ from typing import Dict, Optional
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_tfkd.cli import main as cli_main
 from conftest import write_image_folder
 from _train_helpers import (
-    assert_run_files, build_in_trainer, load_state_dict, once_per_key, read_summary, tiny_args, train_in_process,
+    FixedLogits, assert_run_files, build_in_trainer, load_state_dict, once_per_key, random_network, read_summary,
+    tiny_args, train_in_process,
 )
 
 K = 5  # classes of the loss cases
@@ -146,23 +146,12 @@ LOSS_CASES = {
 }
 
 
-def _random_network(seed: int) -> nn.Module:
-    """A test_resnet with non-trivial batch-norm statistics and spread logits, in eval mode."""
-    torch.manual_seed(seed)
-    model = timm.create_model('test_resnet', num_classes=K)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-        model.get_classifier().weight.mul_(20.0)
-    return model.eval()
 
 
 @pytest.fixture(scope='module')
 def teacher(workdir):
     """A saved test_resnet (the student's architecture and normalization, so the teacher sees the input as is)."""
-    network = _random_network(seed=1)
+    network = random_network('test_resnet', K, seed=1)
     path = workdir / 'teacher.pth.tar'
     torch.save({'arch': 'test_resnet', 'state_dict': network.state_dict()}, path)
     return path, network.double()
@@ -173,16 +162,6 @@ def loss_data(workdir) -> Path:
     return write_image_folder(workdir / 'data5', classes=K, per_class=2)
 
 
-class FixedLogits(nn.Module):
-    """Stands in for the student's forward: the loss sees exactly the test's logits."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert x.shape[0] == self.logits.shape[0]
-        return self.logits
 
 
 @pytest.mark.parametrize('case_id', list(LOSS_CASES))

@@ -16,11 +16,10 @@ from typing import Dict, List
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import write_image_folder
-from _train_helpers import build_in_trainer, build_task  # noqa: F401  (autouse fixture)
+from _train_helpers import FixedLogits, build_in_trainer, build_task  # noqa: F401  (autouse fixture)
 
 K, B, IMG = 4, 6, 16
 COUNTS, SAMPLES = [12, 3, 0, 5], 20  # class 2 has no positives: timm counts it as one
@@ -142,13 +141,6 @@ def files(tmp_path_factory) -> Dict[str, Path]:
             'data': write_image_folder(root / 'data', classes=K, per_class=2)}
 
 
-class FixedLogits(nn.Module):
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits
 
 
 def _argv(case: Case, files: Dict[str, Path]) -> list:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from timm.utils import CheckpointSaver
 from timm_tfkd import TFKD_MODES
 
 from conftest import write_image_folder
-from _train_helpers import build_in_trainer, build_task  # noqa: F401  (autouse fixture)
+from _train_helpers import FixedLogits, build_in_trainer, build_task, random_network  # noqa: F401  (autouse fixture)
 
 K = 5  # classes
 B = 6  # batch
@@ -163,18 +162,6 @@ def _inputs(case: Case):
     return z, q, q, images
 
 
-def _random_network(name: str, seed: int) -> nn.Module:
-    """A network whose batch norms have non-trivial running statistics (a teacher in train mode would differ) and
-    whose logits are spread like a trained model's."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=K, pretrained=False)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-        model.get_classifier().weight.mul_(20.0)
-    return model.eval()
 
 
 @dataclass
@@ -195,14 +182,14 @@ class Teacher:
 @pytest.fixture(scope='module')
 def teachers(tmp_path_factory) -> Dict[str, Teacher]:
     root = tmp_path_factory.mktemp('teachers')
-    own = _random_network(STUDENT, seed=1)
+    own = random_network(STUDENT, K, seed=1)
     run = root / 'teacher-run'
     run.mkdir()
     # A timm training run folder: the trainer picks its model_best.pth.tar.
     saver = CheckpointSaver(own, torch.optim.SGD(own.parameters(), lr=0.1), args=argparse.Namespace(model=STUDENT),
                             checkpoint_dir=str(run), recovery_dir=str(run))
     saver.save_checkpoint(0, metric=1.0)
-    other = _random_network('test_efficientnet', seed=2)
+    other = random_network('test_efficientnet', K, seed=2)
     save_file(other.state_dict(), root / 'effnet.safetensors')
     return {
         'self': Teacher(['--tfkd-teacher-checkpoint', run], copy.deepcopy(own).double(), STUDENT_STATS),
@@ -216,15 +203,6 @@ def data_dir(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp('flags') / 'data', classes=K, per_class=2)
 
 
-class FixedLogits(nn.Module):
-    """Stands in for the student's forward: the loss sees exactly the test's logits."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits
 
 
 def _argv(case: Case, teachers: Dict[str, Teacher]) -> list:
@@ -273,7 +251,7 @@ def test_each_flag_given_changes_the_expected_loss(case_id):
     """A dropped flag falls back to its default; the oracle must tell the two apart, or the case proves nothing."""
     case = CASES[case_id]
     z, _, q, images = _inputs(case)
-    teacher_logits = _random_network(STUDENT, seed=3).double()(images.double()).detach()
+    teacher_logits = random_network(STUDENT, K, seed=3).double()(images.double()).detach()
     expected = oracle(case, z, q, teacher_logits)['loss'].item()
     for name in case.loss_settings():
         if name not in case.given:

@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.cli import main as cli_main
 from _train_helpers import (  # noqa: F401  (autouse fixture)
-    build_in_trainer, build_task, once_per_key, read_run_info, read_summary, summary_columns, train_in_process,
+    FixedLogits, build_in_trainer, build_task, once_per_key, read_run_info, read_summary, summary_columns, train_in_process,
 )
 
 from _multilabel_data import IMG, K, SPLITS, labels_of as _labels, write_wds
@@ -180,13 +179,6 @@ def _bce(z: torch.Tensor, t: torch.Tensor, weight=1.0, pos_weight=1.0) -> torch.
     return -(weight * (pos_weight * t * F.logsigmoid(z) + (1 - t) * F.logsigmoid(-z))).mean()
 
 
-class FixedLogits(nn.Module):
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits
 
 
 def _fixed_inputs():

@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from timm.data import create_dataset, create_naflex_loader
 
-from timm_tfkd import SelfDistillLoss, TfKDSelfTask
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.train.data import LossScale
 from conftest import write_image_folder
@@ -73,27 +72,6 @@ def teachers(workdir, data32) -> Dict[str, Path]:
     return runs
 
 
-def clone_batch(batch):
-    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@pytest.fixture
-def teacher_uses(monkeypatch) -> List[dict]:
-    """Each training step of a self / kd task: the batch it got and the teacher logits its loss was given."""
-    seen: List[dict] = []
-    real_forward, real_terms = TfKDSelfTask.forward, SelfDistillLoss.terms
-
-    def forward(self, input, target):
-        seen.append({'input': clone_batch(input)})
-        return real_forward(self, input, target)
-
-    def terms(self, logits, teacher_logits, target, **kwargs):
-        seen[-1]['teacher_logits'] = teacher_logits.detach().clone()
-        return real_terms(self, logits, teacher_logits, target, **kwargs)
-
-    monkeypatch.setattr(TfKDSelfTask, 'forward', forward)
-    monkeypatch.setattr(SelfDistillLoss, 'terms', terms)
-    return seen
 
 
 def pixels_of(patches: torch.Tensor, channels_last: bool) -> torch.Tensor:

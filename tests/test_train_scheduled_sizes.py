@@ -16,7 +16,6 @@ from timm.data.scheduled_sampler import ScheduledBatchSampler
 from torch.utils.data import RandomSampler
 
 import timm_tfkd.train.main as trainer_main
-from timm_tfkd import SelfDistillLoss, TfKDSelfTask
 from timm_tfkd.checkpoint_io import read_checkpoint
 from _train_helpers import (
     assert_nested_equal, assert_run_files, call_main, read_run_info, read_summary, tiny_args, train_in_process,
@@ -43,22 +42,6 @@ def self_args(data_dir: Path, output: Path, experiment: str, teacher: Path, *ext
                      *STUDENT_STD, *extra, epochs=EPOCHS)
 
 
-@pytest.fixture
-def teacher_uses(monkeypatch) -> List[dict]:
-    seen: List[dict] = []
-    real_forward, real_terms = TfKDSelfTask.forward, SelfDistillLoss.terms
-
-    def forward(self, input, target):
-        seen.append({'input': input.detach().clone()})
-        return real_forward(self, input, target)
-
-    def terms(self, logits, teacher_logits, target, **kwargs):
-        seen[-1]['teacher_logits'] = teacher_logits.detach().clone()
-        return real_terms(self, logits, teacher_logits, target, **kwargs)
-
-    monkeypatch.setattr(TfKDSelfTask, 'forward', forward)
-    monkeypatch.setattr(SelfDistillLoss, 'terms', terms)
-    return seen
 
 
 def teacher_logits_by_hand(teacher_run: Path, images: torch.Tensor) -> torch.Tensor:
