@@ -8,8 +8,10 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -100,6 +102,28 @@ def run_subprocess(command: Sequence[str], timeout: float = 300) -> subprocess.C
     """Run a command from the repository root with one CPU thread per process; text output captured."""
     return subprocess.run([str(c) for c in command], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def sigkill_when(argv: Sequence[str], ready: Callable[[], bool], what: str, log_path: Path,
+                 timeout: float = 180) -> None:
+    """Run the training script on ``argv`` and SIGKILL it (nothing closed, nothing flushed) as soon as ``ready()``
+    holds; fail when it ends first or ``what`` has not happened within ``timeout`` seconds. Its output goes to
+    ``log_path``, shown on failure."""
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen(script_command(argv), cwd=REPO_ROOT, env=subprocess_env(), stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert process.poll() is None, f'the run ended ({process.returncode}) first:\n{log_path.read_text()}'
+                assert time.monotonic() < deadline, f'no {what} within {timeout:g} s:\n{log_path.read_text()}'
+                time.sleep(0.02)
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f'the run finished before the kill:\n{log_path.read_text()}'
 
 
 def script_command(argv: Sequence[str]) -> List[str]:

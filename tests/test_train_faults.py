@@ -3,9 +3,6 @@ and a non-finite loss that stops the run with the previous checkpoint intact."""
 import csv
 import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +10,8 @@ import torch
 
 from timm_tfkd.checkpoint_io import read_checkpoint
 from _train_helpers import (
-    REPO_ROOT, assert_nested_equal, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict,
-    read_summary, script_command, subprocess_env, tiny_args, train_in_process,
+    assert_nested_equal, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict, read_summary,
+    sigkill_when, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -108,21 +105,7 @@ def test_sigkill_then_resume_auto(workdir, data_dir):
     argv = tiny_args(data_dir, output, 'killed', '--tfkd-mode', 'reg', '--seed', '2', epochs=epochs)
     run = output / 'killed'
     log_path = workdir / 'killed.log'
-    with open(log_path, 'w') as log:
-        process = subprocess.Popen(script_command(argv), cwd=REPO_ROOT, env=subprocess_env(), stdout=log,
-                                   stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while not (run / 'last.pth.tar').exists():
-                assert process.poll() is None, f'run ended ({process.returncode}) first:\n{log_path.read_text()}'
-                assert time.monotonic() < deadline, 'no last.pth.tar within 180 s'
-                time.sleep(0.02)
-            os.kill(process.pid, signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, f'the run finished before the kill:\n{log_path.read_text()}'
+    sigkill_when(argv, (run / 'last.pth.tar').exists, 'last.pth.tar', log_path)
     checkpoint = read_checkpoint(str(run / 'last.pth.tar'))
     assert 0 <= checkpoint['epoch'] < epochs - 1
     assert all(torch.isfinite(t).all() for t in checkpoint['state_dict'].values() if t.is_floating_point())

@@ -6,11 +6,7 @@ TensorBoard writer; what they wrote is read back with the packages' own readers:
 the ``.wandb`` transaction log, ``EventAccumulator`` for the TensorBoard event files.
 """
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,8 +17,8 @@ import yaml
 
 from conftest import write_image_folder
 from _train_helpers import (
-    REPO_ROOT, call_main, read_summary, run_dir_of, script_command, subprocess_env,
-    tensorboard_scalars, tiny_args, train_in_process, use_offline_wandb, wandb_records,
+    call_main, read_summary, run_dir_of, sigkill_when, tensorboard_scalars, tiny_args, train_in_process,
+    use_offline_wandb, wandb_records,
 )
 from timm_tfkd.train.flags import create_parser
 
@@ -138,21 +134,9 @@ def test_tensorboard_is_flushed_every_epoch(data, tmp_path):
     log_dir, output = tmp_path / 'tb', tmp_path / 'out'
     argv = tiny_args(data, output, 'killed', '--log-tensorboard', log_dir, epochs=500)
     summary_file = output / 'killed' / 'summary.csv'
-    process = subprocess.Popen(script_command(argv), cwd=REPO_ROOT, env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        # Three rows in summary.csv: epochs 0 and 1 went through log_epoch (it runs before the next epoch trains).
-        while not summary_file.exists() or len(summary_file.read_text().splitlines()) < 4:
-            assert process.poll() is None, f'the run ended ({process.returncode}) first'
-            assert time.monotonic() < deadline, 'no three epochs within 180 s'
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    # Three rows in summary.csv: epochs 0 and 1 went through log_epoch (it runs before the next epoch trains).
+    sigkill_when(argv, lambda: summary_file.exists() and len(summary_file.read_text().splitlines()) >= 4,
+                 'three epochs', tmp_path / 'killed.log')
     summary = read_summary(output / 'killed')
     scalars = tensorboard_scalars(log_dir)
     assert set(scalars) == set(summary[0]) - {'epoch'}
