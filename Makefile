@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# One test file per worker (its module fixtures are built once), at most 4 workers: ~5 minutes on 2 cores.
+# One test file per worker (its module fixtures are built once), at most 4 workers: 3 to 5 minutes on 2 cores.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
