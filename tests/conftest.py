@@ -95,12 +95,6 @@ def isolated_logging():
     root.setLevel(level)
 
 
-@pytest.fixture
-def image_folder(tmp_path: Path) -> Path:
-    """A 3-class, 16 px RGB folder dataset with train and validation splits."""
-    return write_image_folder(tmp_path / 'data')
-
-
 def use_offline_hub(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
     """Point huggingface_hub at an empty cache under ``home``, offline, with no real token reachable.
 

@@ -306,11 +306,6 @@ class RunFolder:
             row['epoch'] = int(row['epoch'])
         return rows
 
-    def summary_row(self, epoch: Optional[int]) -> Optional[Dict[str, Optional[float]]]:
-        if epoch is None:
-            return None
-        return next((row for row in self.read_summary() if row['epoch'] == epoch), None)
-
     def drop_summary_rows_from(self, start_epoch: int) -> int:
         """Keep only the ``summary.csv`` rows of epochs before ``start_epoch`` (rewritten atomically).
 
