@@ -1,10 +1,12 @@
-"""The extension points the next methods need, driven through the real trainer by a method registered here:
-per-sample state in every checkpoint and restored exactly on resume, epoch hooks, and each batch's sample indices.
+"""The extension points the next methods need, driven through the real trainer by methods registered here:
+per-sample state in every checkpoint and restored exactly on resume, epoch hooks, each batch's sample indices, and
+an epoch order chosen by the task.
 
 The method counts how often each training sample was seen and remembers the label that came with each index; its
 task implements :class:`timm_tfkd.EpochHooks` and :class:`timm_tfkd.SampleIndexed`. If the trainer handed over
 wrong indices, the remembered labels would not be the dataset's labels of those indices.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -12,18 +14,20 @@ import torch
 from timm.data import create_dataset
 from timm.task import ClassificationTask
 
-from timm_tfkd import EpochHooks, SampleIndexed, methods
+from timm_tfkd import EpochHooks, EpochOrdered, SampleIndexed, methods
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.methods import Method
+from timm_tfkd.run_folder import INVOCATIONS_FILE
 from conftest import write_image_folder
 from _train_helpers import (
-    assert_state_dicts_equal, load_state_dict, read_summary, tiny_args, train_in_process,
+    assert_run_files, assert_state_dicts_equal, call_main, load_state_dict, read_summary, tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
 
 PER_CLASS = 7  # 21 training images, batch 8: two batches per epoch, the last 5 images dropped (drop_last)
 EPOCHS = 3
+PAIRED_BATCHES = 5  # 21 drawn, each with a partner: 42 loaded, five batches of 8 an epoch
 
 
 class CountingTask(ClassificationTask):
@@ -74,6 +78,65 @@ class CountingMethod(Method):
                             verbose=context.verbose)
 
 
+class PairingTask(CountingTask):
+    """Loads each drawn sample followed by another of its class (so a batch of 8 holds 4 same-class pairs) and
+    records every batch's indices in its state."""
+
+    def __init__(self, model, labels, **kwargs):
+        super().__init__(model, len(labels), **kwargs)
+        self.dataset_labels = labels
+        self.loaded = []
+        self.interrupt_at = None  # (epoch, batch): a Ctrl-C before that batch's step
+        self.ordered_epoch = None
+        self.anchors = None  # pair only the first drawn samples
+
+    def epoch_length(self, num_drawn):
+        return 2 * min(num_drawn, self.anchors or num_drawn)
+
+    def epoch_order(self, drawn, epoch):
+        self.ordered_epoch = epoch
+        generator = torch.Generator().manual_seed(1000 + epoch)
+        order = []
+        for index in drawn[:self.anchors].tolist():
+            same = (self.dataset_labels == self.dataset_labels[index]).nonzero().flatten()
+            same = same[same != index]
+            order += [index, int(same[torch.randint(len(same), (1,), generator=generator)])]
+        return torch.tensor(order)
+
+    def forward(self, input, target):
+        assert self.ordered_epoch == self.events[-1][1], 'the epoch order was asked for another epoch'
+        self.loaded.append(self.index.clone())
+        epoch = self.events[-1][1]
+        if self.interrupt_at == (epoch, len(self.loaded) - 1 - epoch * PAIRED_BATCHES):
+            raise KeyboardInterrupt
+        return super().forward(input, target)
+
+    def get_task_state(self, module=None, ema=False):
+        state = super().get_task_state(module, ema)
+        if state:
+            state['loaded'] = torch.stack(self.loaded) if self.loaded else torch.empty(0, 8, dtype=torch.int64)
+        return state
+
+    def load_task_state(self, state, strict=True, module=None, ema=False):
+        super().load_task_state(state, strict, module, ema)
+        if state and not ema:
+            self.loaded = list(state['loaded'].unbind(0))
+
+
+class PairingMethod(Method):
+    name = 'pairing'
+    description = 'test method that loads same-class pairs'
+    interrupt_at = None
+    anchors = None
+
+    def create_task(self, args, model, context):
+        assert context.train_targets is not None and len(context.train_targets) == context.num_train_samples
+        task = PairingTask(model, context.train_targets, device=context.device, dtype=context.dtype,
+                           verbose=context.verbose)
+        task.interrupt_at, task.anchors = self.interrupt_at, self.anchors
+        return task
+
+
 @pytest.fixture(scope='module')
 def counting_method():
     """Register the method for this module's runs, as a method module would."""
@@ -87,14 +150,24 @@ def data_dir(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp('hooks') / 'data', per_class=PER_CLASS)
 
 
+@pytest.fixture(scope='module')
+def pairing_method():
+    method = methods.register_method(PairingMethod())
+    yield method
+    del methods._METHODS[method.name]
+
+
 def _dataset_labels(data_dir: Path) -> torch.Tensor:
     dataset = create_dataset('', root=str(data_dir), split='train')
     return torch.tensor([target for _, target in dataset.reader.samples])
 
 
-def _run(data_dir, output, name, *extra, epochs=EPOCHS):
-    return train_in_process(tiny_args(data_dir, output, name, '--tfkd-mode', 'counting', '--seed', '3', *extra,
-                                      epochs=epochs))
+def _args(data_dir, output, name, *extra, mode='counting', epochs=EPOCHS):
+    return tiny_args(data_dir, output, name, '--tfkd-mode', mode, '--seed', '3', *extra, epochs=epochs)
+
+
+def _run(data_dir, output, name, *extra, mode='counting', epochs=EPOCHS):
+    return train_in_process(_args(data_dir, output, name, *extra, mode=mode, epochs=epochs))
 
 
 def _task_state(run_dir: Path):
@@ -103,7 +176,8 @@ def _task_state(run_dir: Path):
 
 def test_protocols_are_recognised(counting_method):
     task = CountingTask(torch.nn.Linear(2, 2), 4)
-    assert isinstance(task, EpochHooks) and isinstance(task, SampleIndexed)
+    assert isinstance(task, EpochHooks) and isinstance(task, SampleIndexed) and not isinstance(task, EpochOrdered)
+    assert isinstance(PairingTask(torch.nn.Linear(2, 2), torch.zeros(4)), EpochOrdered)
     assert not isinstance(ClassificationTask(torch.nn.Linear(2, 2)), SampleIndexed)
 
 
@@ -131,3 +205,66 @@ def test_state_survives_resume_exactly(counting_method, data_dir, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert_state_dicts_equal(load_state_dict(stopped / 'last.pth.tar'), load_state_dict(uninterrupted / 'last.pth.tar'))
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_the_task_chooses_what_each_epoch_loads(pairing_method, data_dir, tmp_path, capsys, workers):
+    run = _run(data_dir, tmp_path / 'out', f'pairing-j{workers}', '-j', workers, mode='pairing')
+    # The loader's length, hence the progress counter and the LR schedule, is that of the task's order.
+    assert f'Train: {EPOCHS - 1} [   4/{PAIRED_BATCHES} (100%)]' in capsys.readouterr().err
+    state = _task_state(run)
+    labels = _dataset_labels(data_dir)
+    loaded = state['loaded']
+    assert loaded.shape == (EPOCHS * PAIRED_BATCHES, 8)
+    assert [row['epoch'] for row in read_summary(run)] == list(range(EPOCHS))
+    pairs = loaded.view(-1, 2)
+    assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]]), 'a pair of other classes: not the task\'s order'
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    anchors = pairs[:, 0].view(EPOCHS, PAIRED_BATCHES * 4)
+    for epoch in range(EPOCHS):
+        assert len(set(anchors[epoch].tolist())) == PAIRED_BATCHES * 4, 'each drawn sample once an epoch'
+    assert not torch.equal(anchors[0], anchors[1])
+
+
+def test_an_epoch_the_task_ordered_resumes_at_the_right_batch(pairing_method, data_dir, tmp_path):
+    flags = ('--recovery-interval', '1', '--no-prefetcher', '-j', '0')
+    uninterrupted = _run(data_dir, tmp_path / 'out', 'whole', *flags, mode='pairing')
+    argv = _args(data_dir, tmp_path / 'out', 'stopped', *flags, mode='pairing')
+    pairing_method.interrupt_at = (1, 3)  # Ctrl-C in epoch 1 before its fourth batch: three recovery checkpoints
+    try:
+        assert call_main(argv) == 130
+    finally:
+        pairing_method.interrupt_at = None
+    stopped = tmp_path / 'out' / 'stopped'
+    assert call_main([*argv, '--resume', 'auto']) == 0
+    (invocation,) = [json.loads(line) for line in (stopped / INVOCATIONS_FILE).read_text().splitlines()]
+    assert (invocation['resumed_from'], invocation['epoch'], invocation['batch']) == ('recovery-1-2.pth.tar', 1, 3)
+    assert_run_files(stopped, EPOCHS)
+    a, b = _task_state(uninterrupted), _task_state(stopped)
+    assert torch.equal(b['loaded'], a['loaded']), 'the resumed epoch loaded other samples than the uninterrupted one'
+    assert read_summary(stopped) == read_summary(uninterrupted)
+    assert_state_dicts_equal(load_state_dict(stopped / 'last.pth.tar'), load_state_dict(uninterrupted / 'last.pth.tar'))
+
+
+@pytest.mark.parametrize('mode', ['counting', 'pairing'])
+def test_a_loader_whose_order_the_trainer_cannot_own_is_refused(counting_method, pairing_method, data_dir, tmp_path,
+                                                                capsys, mode):
+    output = tmp_path / 'out'
+    assert call_main(_args(data_dir, output, 'refused', '--use-multi-epochs-loader', mode=mode)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert f'--tfkd-mode {mode}' in err and '--use-multi-epochs-loader' in err
+    assert not output.exists()
+
+
+def test_an_epoch_order_shorter_than_a_batch_is_refused(pairing_method, data_dir, tmp_path, capsys):
+    output = tmp_path / 'out'
+    pairing_method.anchors = 3  # 21 drawn, 6 loaded: no batch of 8
+    try:
+        assert call_main(_args(data_dir, output, 'refused', mode='pairing')) == 2
+    finally:
+        pairing_method.anchors = None
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert '--tfkd-mode pairing loads 6 images' in err and '--batch-size 8' in err
+    assert not output.exists()

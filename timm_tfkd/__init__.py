@@ -8,7 +8,7 @@ from .errors import CheckpointError, TeacherError, TfKDError
 from .losses import LabelSmoothingLoss, LossTerms, SelfDistillLoss, SmoothingEquivalence, VirtualTeacherLoss, \
     effective_smoothing
 from .teacher import SelfTeacher, create_self_teacher, fold_batch_norms
-from .tasks import EpochHooks, SampleIndexed, TfKDRegTask, TfKDSelfTask
+from .tasks import EpochHooks, EpochOrdered, SampleIndexed, TfKDRegTask, TfKDSelfTask
 from .methods import get_method, register_method
 from .methods.teacher_source import create_teacher_from_args
 from .args import TFKD_MODES, add_tfkd_args
@@ -21,7 +21,8 @@ __all__ = [
     'LabelSmoothingLoss', 'LossTerms', 'SelfDistillLoss', 'SmoothingEquivalence', 'VirtualTeacherLoss',
     'create_tfkd_loss', 'effective_smoothing',
     'SelfTeacher', 'TeacherError', 'create_self_teacher', 'fold_batch_norms',
-    'TfKDRegTask', 'TfKDSelfTask', 'EpochHooks', 'SampleIndexed', 'create_teacher_from_args', 'create_tfkd_task',
+    'TfKDRegTask', 'TfKDSelfTask', 'EpochHooks', 'EpochOrdered', 'SampleIndexed', 'create_teacher_from_args',
+    'create_tfkd_task',
     'get_method', 'register_method',
     'load_pretrained', 'models',
 ]

@@ -82,6 +82,7 @@ def create_tfkd_task(
         data_config: Optional[Dict[str, Any]] = None,
         teacher: Optional[SelfTeacher] = None,
         num_train_samples: Optional[int] = None,
+        train_targets: Optional[torch.Tensor] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: Optional[bool] = None,
@@ -107,6 +108,7 @@ def create_tfkd_task(
         teacher: A ready teacher for modes that learn from one (default: built from the ``--tfkd-teacher-*`` flags).
         num_train_samples: Size of the training set (``len(dataset_train)``), needed by methods that keep
             per-sample state.
+        train_targets: The class index of every training sample (N,), for methods that choose samples by class.
         device: Device for the task and teacher.
         dtype: Dtype for task tensors.
         verbose: Log the set-up (default: on rank 0 only, from ``args.rank`` as timm's ``train.py`` sets it).
@@ -132,7 +134,7 @@ def create_tfkd_task(
         smoothing = getattr(args, 'smoothing', TIMM_DEFAULT_SMOOTHING)
     smoothing = _account_for_mixup(args, method, smoothing, mixup_smoothing, verbose)
     context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
-                          num_train_samples=num_train_samples, num_aug_splits=getattr(args, 'aug_splits', 0),
+                          num_train_samples=num_train_samples, train_targets=train_targets, num_aug_splits=getattr(args, 'aug_splits', 0),
                           device=device, dtype=dtype, verbose=verbose, class_weight=class_weight,
                           pos_weight=pos_weight)
     return method.create_task(args, model, context)

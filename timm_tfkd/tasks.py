@@ -41,6 +41,22 @@ class SampleIndexed(Protocol):
         """Called with the dataset indices (B,) of the next training batch, right before ``task(input, target)``."""
 
 
+@runtime_checkable
+class EpochOrdered(Protocol):
+    """A task that decides which training samples an epoch loads and in which order, e.g. each drawn sample followed
+    by another of its class, so that every batch holds same-class pairs. The trainer hands it each epoch's seeded
+    permutation (this rank's share under DDP) and timm's loader then batches what it returns, in that order."""
+
+    def epoch_length(self, num_drawn: int) -> int:
+        """How many indices :meth:`epoch_order` returns for a permutation of ``num_drawn`` samples (the loader's
+        length, and with it the LR schedule, is fixed before an epoch starts)."""
+
+    def epoch_order(self, drawn: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The dataset indices (int64, 1-D, :meth:`epoch_length` of them) to load in ``epoch``, from its permutation
+        ``drawn``. Make it depend only on ``drawn``, ``epoch`` and the task's state (draw from a generator seeded by
+        the epoch), so that an epoch resumed part way loads the same samples."""
+
+
 def _result(output: torch.Tensor, terms) -> Dict[str, torch.Tensor]:
     return {'loss': terms.loss, 'output': output, 'task_loss': terms.task, 'kd_loss': terms.kd}
 

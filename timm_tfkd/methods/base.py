@@ -84,6 +84,8 @@ class TaskContext:
         data_config: The student's resolved data config, channels fitted (the teacher's normalization needs it).
         teacher: A ready teacher for methods with ``needs_teacher`` (built from the flags when None).
         num_train_samples: Size of the training set, for methods that keep per-sample state (None: unknown).
+        train_targets: The class index of every training sample (N,), where the dataset lists them (timm's folder
+            and tar readers), for methods that choose samples by class; None otherwise.
         num_aug_splits: AugMix splits of each batch (``--aug-splits``; 0: none).
         device: Device of the task (and teacher).
         dtype: Dtype of task tensors.
@@ -97,6 +99,7 @@ class TaskContext:
     data_config: Optional[Dict[str, Any]] = None
     teacher: Optional[SelfTeacher] = None
     num_train_samples: Optional[int] = None
+    train_targets: Optional[torch.Tensor] = None
     num_aug_splits: int = 0
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None

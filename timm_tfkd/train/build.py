@@ -224,12 +224,14 @@ def create_task(
         device: torch.device,
         model_dtype: Optional[torch.dtype],
         verbose: bool,
+        train_targets: Optional[torch.Tensor] = None,
 ) -> TrainingTask:
     """The task of ``--tfkd-mode`` (for plain timm training: timm's classification or ``--kd-*`` distillation).
 
     Args:
         smoothing: Label smoothing of the cross-entropy part (after the smoothing policy).
         mixup_smoothing: The smoothing the run's Mixup / CutMix fold into their targets; None when both are off.
+        train_targets: The class index of every training sample, where the dataset lists them.
 
     Raises:
         UsageError: Loss weights that do not fit the model's classes, or a criterion timm refuses.
@@ -252,7 +254,8 @@ def create_task(
                 raise UsageError(f"cannot create timm distillation teacher '{args.kd_model_name}': "
                                  f"{type(e).__name__}: {detail}") from None
     return create_tfkd_task(args, model, criterion, smoothing=smoothing, data_config=data_config,
-                            num_train_samples=num_train_samples, device=device, dtype=model_dtype, verbose=verbose,
+                            num_train_samples=num_train_samples, train_targets=train_targets, device=device,
+                            dtype=model_dtype, verbose=verbose,
                             mixup_smoothing=mixup_smoothing or 0.0,
                             class_weight=weights.class_weight_vector(unwrap_model(model).num_classes),
                             pos_weight=weights.pos_weight)

@@ -5,7 +5,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, 
 
 from ..errors import UsageError
 from ..factory import mixup_active
+from ..tasks import EpochOrdered
 from .splits import Datasets
 
 _logger = logging.getLogger(__name__)
@@ -334,7 +335,9 @@ class TrainSampler(Sampler[int]):
       from a recovery checkpoint sees the same batches as an uninterrupted one.
     - :meth:`skip_next` makes the next pass start after the samples an interrupted epoch already trained on,
       without reading them (reading would draw augmentations from the random state the checkpoint restored).
-    - It records the indices it draws, so each batch's dataset indices can be taken back (:meth:`take`): the loader
+    - A task that is :class:`~timm_tfkd.tasks.EpochOrdered` (:meth:`order_by`) turns each epoch's permutation into
+      the indices the epoch loads (e.g. same-class pairs side by side); skipping and recording apply to those.
+    - It records the indices it yields, so each batch's dataset indices can be taken back (:meth:`take`): the loader
       delivers batches in the order their indices were drawn.
     - The loader's own draw at the start of an epoch (the base seed of its workers) comes from :attr:`generator`,
       seeded by seed, rank and epoch, instead of the global random state a resumed run has just restored.
@@ -352,10 +355,17 @@ class TrainSampler(Sampler[int]):
         self._sampler = sampler
         self._seed, self._rank = seed, rank
         self._skip = 0
+        self._epoch = 0
+        self._ordering: Optional[EpochOrdered] = None
         self._drawn: deque = deque()
         self.generator = torch.Generator()
 
+    def order_by(self, task: EpochOrdered) -> None:
+        """Let ``task`` choose what each epoch loads from the epoch's permutation."""
+        self._ordering = task
+
     def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
         self._sampler.set_epoch(epoch)
         self.generator.manual_seed((self._seed * 1_000_003 + self._rank) * 10_007 + epoch)
 
@@ -366,13 +376,25 @@ class TrainSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         self._drawn.clear()  # also drops the indices of a last partial batch the loader discarded
         skip, self._skip = self._skip, 0
-        for position, index in enumerate(self._sampler):
+        for position, index in enumerate(self._epoch_indices()):
             if position >= skip:
                 self._drawn.append(index)
                 yield index
 
+    def _epoch_indices(self) -> Iterable[int]:
+        if self._ordering is None:
+            return self._sampler
+        drawn = torch.tensor(list(self._sampler), dtype=torch.int64)
+        order = self._ordering.epoch_order(drawn, self._epoch)
+        expected = self._ordering.epoch_length(len(drawn))
+        if order.ndim != 1 or len(order) != expected:
+            raise RuntimeError(f'{type(self._ordering).__name__}.epoch_order gave {tuple(order.shape)} indices for '
+                               f'epoch {self._epoch}, its epoch_length {expected}')
+        return order.tolist()
+
     def __len__(self) -> int:
-        return len(self._sampler)
+        num_drawn = len(self._sampler)
+        return num_drawn if self._ordering is None else self._ordering.epoch_length(num_drawn)
 
     def take(self, count: int) -> torch.Tensor:
         """The indices (int64, CPU) of the next ``count`` samples the loader delivers."""

@@ -19,7 +19,7 @@ from ..data_config import resolve_student_data_config
 from ..errors import UsageError
 from ..factory import mixup_active
 from ..methods import get_method
-from ..tasks import SampleIndexed
+from ..tasks import EpochOrdered, SampleIndexed
 from .build import (
     Precision, available_device, check_naflex_student, create_optimizer, create_precision, create_student, create_task,
     place_model, resolve_lr, student_in_chans,
@@ -30,7 +30,7 @@ from .data import TrainData, TrainSampler, create_train_data, install_train_samp
 from .flags import create_parser
 from .policy import aug_splits_note, check_config, check_smoothing, mixup_smoothing, resolve_smoothing
 from .resume import RunPlan, plan_run
-from .splits import load_datasets, resolve_num_classes
+from .splits import dataset_targets, load_datasets, resolve_num_classes
 
 # The trainer's own log lines, set-up and loop alike, under one name (timm's train.py logs as 'train').
 _logger = logging.getLogger('train_tfkd')
@@ -112,6 +112,19 @@ def _create_schedule(args: argparse.Namespace, optimizer, updates_per_epoch: int
         raise UsageError(f'--sched {args.sched}: {e}') from None
 
 
+def _order_by(task, train_sampler: Optional[TrainSampler], loader_train, args: argparse.Namespace) -> None:
+    """Hand the training order to a task that reads its sample indices or chooses each epoch's samples."""
+    if train_sampler is None:
+        raise UsageError(f'--tfkd-mode {args.tfkd_mode} needs to know (or choose) which dataset sample each training '
+                         f'image is, which this loader cannot tell (an iterable dataset, --use-multi-epochs-loader, '
+                         f'--train-img-sizes or --naflex-loader)')
+    if isinstance(task, EpochOrdered):
+        train_sampler.order_by(task)
+        if len(loader_train) == 0:
+            raise UsageError(f'--tfkd-mode {args.tfkd_mode} loads {len(train_sampler)} images an epoch here, fewer '
+                             f'than one batch of --batch-size {args.batch_size}: lower --batch-size')
+
+
 def prepare(command_line: CommandLine) -> Run:
     """Read the data, build model, task, optimizer and schedule, and decide where the run writes and what it
     continues; every check of the data and the checkpoint to resume happens here, before anything is written."""
@@ -140,11 +153,9 @@ def prepare(command_line: CommandLine) -> Run:
                              patch_size=patch_size, verbose=primary)
     train_sampler = install_train_sampler(data.loader_train, args.seed, args.rank)
     task = create_task(args, model, smoothing, folded, data_config, data.num_train_samples, device,
-                       precision.model_dtype, primary)
-    if isinstance(task, SampleIndexed) and train_sampler is None:
-        raise UsageError(f'--tfkd-mode {args.tfkd_mode} needs the dataset index of every training sample, which this '
-                         f'loader cannot give (an iterable dataset, --use-multi-epochs-loader, --train-img-sizes or '
-                         f'--naflex-loader)')
+                       precision.model_dtype, primary, train_targets=dataset_targets(datasets.train))
+    if isinstance(task, (SampleIndexed, EpochOrdered)):
+        _order_by(task, train_sampler, data.loader_train, args)
     if primary:
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters. '
                      f'{smoothing_note}.')

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+import torch
 from timm.data import MultiLabelTarget, create_dataset
 from torch.utils.data import IterableDataset
 
@@ -79,6 +80,16 @@ def class_names(dataset: Any) -> List[str]:
     if class_to_idx:
         return [name for name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
     return []
+
+
+def dataset_targets(dataset: Any) -> Optional[torch.Tensor]:
+    """The class index of every sample (int64), for datasets whose reader lists them (timm's folder and tar
+    readers); None for the others (iterable and multi-label datasets)."""
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if not isinstance(samples, list) or not all(isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], int)
+                                                for s in samples):
+        return None
+    return torch.tensor([target for _, target in samples], dtype=torch.int64)
 
 
 def create_split_dataset(args: argparse.Namespace, split: str, is_training: bool, input_img_mode: str):
