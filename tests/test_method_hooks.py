@@ -7,6 +7,7 @@ task implements :class:`timm_tfkd.EpochHooks` and :class:`timm_tfkd.SampleIndexe
 wrong indices, the remembered labels would not be the dataset's labels of those indices.
 """
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from timm_tfkd.methods import Method
 from timm_tfkd.run_folder import INVOCATIONS_FILE
 from conftest import write_image_folder
 from _train_helpers import (
-    assert_run_files, assert_state_dicts_equal, call_main, load_state_dict, read_summary, tiny_args, train_in_process,
+    TRAIN_SCRIPT, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict, read_summary, run_subprocess,
+    tiny_args, train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -105,6 +107,7 @@ class PairingTask(CountingTask):
 
     def forward(self, input, target):
         assert self.ordered_epoch == self.events[-1][1], 'the epoch order was asked for another epoch'
+        assert torch.equal(self.dataset_labels[self.index], target.cpu()), 'the indices are not those of this batch'
         self.loaded.append(self.index.clone())
         epoch = self.events[-1][1]
         if self.interrupt_at == (epoch, len(self.loaded) - 1 - epoch * PAIRED_BATCHES):
@@ -268,3 +271,33 @@ def test_an_epoch_order_shorter_than_a_batch_is_refused(pairing_method, data_dir
     assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
     assert '--tfkd-mode pairing loads 6 images' in err and '--batch-size 8' in err
     assert not output.exists()
+
+
+# The training script with this module's pairing method registered, for torchrun's processes.
+WITH_PAIRING_METHOD = f'''
+import runpy, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from timm_tfkd import methods
+from test_method_hooks import PairingMethod
+methods.register_method(PairingMethod())
+sys.argv = [{TRAIN_SCRIPT!r}, *sys.argv[1:]]
+runpy.run_path({TRAIN_SCRIPT!r}, run_name='__main__')
+'''
+
+
+def test_under_ddp_each_rank_orders_and_indexes_its_own_share(data_dir, tmp_path):
+    script = tmp_path / 'train_with_pairing.py'
+    script.write_text(WITH_PAIRING_METHOD)
+    argv = _args(data_dir, tmp_path / 'out', 'ddp', mode='pairing')
+    result = run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             script, *argv])
+    # Each rank's task checks every batch (its labels are the dataset's at the indices it got, its epoch order
+    # was asked for this epoch); a wrong index on either rank fails the run.
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Distributed training: 2 processes' in result.stderr
+    loaded = _task_state(tmp_path / 'out' / 'ddp')['loaded']  # rank 0's
+    # 21 images on 2 ranks: 11 drawn each (one padded), 22 loaded, two batches of 8 an epoch.
+    assert loaded.shape == (EPOCHS * 2, 8)
+    pairs = loaded.view(-1, 2)
+    labels = _dataset_labels(data_dir)
+    assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]])
