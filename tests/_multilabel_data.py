@@ -4,7 +4,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -30,23 +30,28 @@ def _image(labels: List[int], rng: np.random.Generator) -> np.ndarray:
     return np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
 
 
-def write_wds(root: Path) -> Path:
-    """One shard per split; the sidecar holds the labels as index lists ('labels') and multi-hot ('multihot')."""
+def write_wds(root: Path, shards: Optional[Dict[str, List[int]]] = None) -> Path:
+    """The sidecar holds the labels as index lists ('labels') and multi-hot ('multihot'). ``shards`` gives the
+    record count of each shard of a split (default: one shard per split)."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(7)
     splits = {}
     for split in SPLITS:
-        name = f'{split}-000000.tar'
-        with tarfile.open(root / name, 'w') as tar:
-            for i, labels in enumerate(labels_of(split)):
-                image = io.BytesIO()
-                Image.fromarray(_image(labels, rng)).save(image, format='PNG')
-                meta = {'labels': labels, 'multihot': [int(c in labels) for c in range(K)]}
-                for suffix, data in (('png', image.getvalue()), ('json', json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f'{split}{i:04d}.{suffix}')
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        splits[split] = {'name': split, 'num_samples': SPLITS[split], 'filenames': [name],
-                         'shard_lengths': [SPLITS[split]]}
+        lengths = (shards or {}).get(split, [SPLITS[split]])
+        assert sum(lengths) == SPLITS[split]
+        names, records = [], list(enumerate(labels_of(split)))
+        for shard, length in enumerate(lengths):
+            names.append(f'{split}-{shard:06d}.tar')
+            with tarfile.open(root / names[-1], 'w') as tar:
+                for i, labels in records[sum(lengths[:shard]):sum(lengths[:shard + 1])]:
+                    image = io.BytesIO()
+                    Image.fromarray(_image(labels, rng)).save(image, format='PNG')
+                    meta = {'labels': labels, 'multihot': [int(c in labels) for c in range(K)]}
+                    for suffix, data in (('png', image.getvalue()), ('json', json.dumps(meta).encode())):
+                        info = tarfile.TarInfo(f'{split}{i:04d}.{suffix}')
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        splits[split] = {'name': split, 'num_samples': SPLITS[split], 'filenames': names,
+                         'shard_lengths': list(lengths)}
     (root / '_info.json').write_text(json.dumps({'splits': splits}))
     return root

@@ -11,6 +11,8 @@ smoothing towards 0.5, and with weights from ``--class-stats``). reg / self / kd
 test_train_bad_input.py.
 """
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Dict, List
@@ -25,7 +27,8 @@ from PIL import Image
 from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.cli import main as cli_main
 from _train_helpers import (  # noqa: F401  (autouse fixture)
-    FixedLogits, build_in_trainer, build_task, once_per_key, read_run_info, read_summary, summary_columns, train_in_process,
+    TRAIN_SCRIPT, FixedLogits, build_in_trainer, build_task, once_per_key, read_run_info, read_summary, run_subprocess,
+    summary_columns, train_in_process,
 )
 
 from _multilabel_data import IMG, K, SPLITS, labels_of as _labels, write_wds
@@ -36,9 +39,11 @@ SUMMARY = ['epoch', 'train_loss', 'train_task_loss', 'train_kd_loss'] + [f'eval_
 
 def _read_images(root: Path, split: str) -> torch.Tensor:
     """The split's images in shard order, as floats in [0, 1] (N, 3, H, W)."""
-    with tarfile.open(root / f'{split}-000000.tar') as tar:
-        images = [np.asarray(Image.open(tar.extractfile(m)).convert('RGB')) for m in tar.getmembers()
-                  if m.name.endswith('.png')]
+    images = []
+    for shard in sorted(root.glob(f'{split}-*.tar')):
+        with tarfile.open(shard) as tar:
+            images += [np.asarray(Image.open(tar.extractfile(m)).convert('RGB')) for m in tar.getmembers()
+                       if m.name.endswith('.png')]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).double() / 255.0
 
 
@@ -246,3 +251,37 @@ def test_run_folder_names_the_metrics_timms_multilabel_evaluator_reports():
     from timm_tfkd.run_folder import MULTILABEL_METRIC_NAMES, MULTILABEL_TASK, headline_metric
     assert set(MULTILABEL_METRIC_NAMES) == set(MultiLabelClassificationEvaluator.metric_names)
     assert headline_metric(MULTILABEL_TASK) == MultiLabelClassificationEvaluator.default_metric
+
+
+def _torchrun(argv) -> subprocess.CompletedProcess:
+    return run_subprocess([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           TRAIN_SCRIPT, *argv], timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_validates_every_image_once(tmp_path):
+    """Two ranks, two shards per split: each rank trains on its shard and the reduced metrics are the split's."""
+    sharded = write_wds(tmp_path / 'wds', shards={'train': [12, 12], 'validation': [6, 6]})
+    result = _torchrun([*_common(sharded, '--target-key', 'labels'), '--epochs', 2, '--output', tmp_path / 'out',
+                        '--experiment', 'ddp'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Distributed training: 2 processes' in result.stderr
+    run_dir = tmp_path / 'out' / 'ddp'
+    expected = expected_metrics(model_outputs(run_dir, sharded), _multihot(_labels('validation')), 0.5)
+    assert read_run_info(run_dir)['final_metrics'] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('shards, words', [
+    ({'train': [24]}, ["the 'train' split has 1 shard(s) for 2 processes x 1 loader worker(s)", 'wait']),
+    ({'train': [12, 12], 'validation': [6, 3, 3]}, ["the 'validation' split's shards give", '[9, 3] images']),
+], ids=['train-fewer-shards-than-workers', 'validation-shards-uneven'])
+def test_ddp_refuses_shards_it_cannot_read_correctly(tmp_path, shards, words):
+    data = write_wds(tmp_path / 'wds', shards=shards)
+    output = tmp_path / 'out'
+    result = _torchrun([*_common(data, '--target-key', 'labels'), '--epochs', 1, '--output', output])
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith('train_tfkd.py: error:')]
+    assert len(ours) == 1 and all(word in ours[0] for word in words), result.stderr[-3000:]
+    assert 'exitcode  : 2' in result.stderr  # torchrun's report of the rank's exit code
+    assert not output.exists()

@@ -152,6 +152,39 @@ def check_same_classes(train_split: str, train_names: List[str], split: str, nam
                      f"(an empty class folder counts as missing); every split needs the same class folders")
 
 
+def check_shards(args: argparse.Namespace, dataset: Any, split: str, is_training: bool) -> None:
+    """Refuse a sharded split (timm's ``wds/`` reader) that a distributed run cannot read correctly.
+
+    timm's reader deals whole shards round-robin to every loader worker of every process, and each worker then
+    yields a fixed count of samples, repeating its shards to reach it. A worker without a shard yields nothing:
+    in training its process runs out of batches first and the other ranks wait for it forever; in validation a
+    worker whose shards do not hold exactly its count repeats or leaves out images, so the metrics would not be
+    the split's.
+
+    Raises:
+        UsageError: Too few training shards, or validation shards that do not divide evenly.
+    """
+    shard_lengths = getattr(getattr(getattr(dataset, 'reader', None), 'split_info', None), 'shard_lengths', None)
+    if not shard_lengths or args.world_size < 2:
+        return
+    workers = max(1, args.workers)
+    total = args.world_size * workers
+    layout = f'{args.world_size} processes x {workers} loader worker(s)'
+    if is_training:
+        if len(shard_lengths) < total:
+            raise UsageError(f"the '{split}' split has {len(shard_lengths)} shard(s) for {layout}: timm's wds reader "
+                             f"gives each worker whole shards, and a process whose worker gets none runs out of "
+                             f"batches while the others wait for it; use at least {total} shards or fewer processes "
+                             f"or -j")
+        return
+    per_worker = [sum(shard_lengths[worker::total]) for worker in range(total)]
+    if len(set(per_worker)) > 1:
+        raise UsageError(f"the '{split}' split's shards give the {layout} {per_worker} images, and timm's wds reader "
+                         f"then repeats or leaves out images to give each the same count: the metrics would not be "
+                         f"the split's; use shards that divide evenly among the workers, or other process / -j "
+                         f"counts")
+
+
 def load_datasets(args: argparse.Namespace, in_chans: int) -> Datasets:
     """Read the training and validation splits and check that they share one class list.
 
@@ -161,6 +194,9 @@ def load_datasets(args: argparse.Namespace, in_chans: int) -> Datasets:
     input_img_mode = args.input_img_mode or ('RGB' if in_chans == 3 else 'L')
     train = create_split_dataset(args, args.train_split, True, input_img_mode)
     evaluation = create_split_dataset(args, args.val_split, False, input_img_mode) if args.val_split else None
+    check_shards(args, train, args.train_split, is_training=True)
+    if evaluation is not None:
+        check_shards(args, evaluation, args.val_split, is_training=False)
     names = class_names(train)
     if evaluation is not None:
         check_same_classes(args.train_split, names, args.val_split, class_names(evaluation))
