@@ -134,7 +134,7 @@ def create_tfkd_task(
         smoothing = getattr(args, 'smoothing', TIMM_DEFAULT_SMOOTHING)
     smoothing = _account_for_mixup(args, method, smoothing, mixup_smoothing, verbose)
     context = TaskContext(criterion=criterion, smoothing=smoothing, data_config=data_config, teacher=teacher,
-                          num_train_samples=num_train_samples, train_targets=train_targets, num_aug_splits=getattr(args, 'aug_splits', 0),
-                          device=device, dtype=dtype, verbose=verbose, class_weight=class_weight,
-                          pos_weight=pos_weight)
+                          num_train_samples=num_train_samples, train_targets=train_targets,
+                          num_aug_splits=getattr(args, 'aug_splits', 0), device=device, dtype=dtype, verbose=verbose,
+                          class_weight=class_weight, pos_weight=pos_weight)
     return method.create_task(args, model, context)
