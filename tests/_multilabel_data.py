@@ -31,7 +31,8 @@ def _image(labels: List[int], rng: np.random.Generator) -> np.ndarray:
 
 
 def write_wds(root: Path, shards: Optional[Dict[str, List[int]]] = None) -> Path:
-    """The sidecar holds the labels as index lists ('labels') and multi-hot ('multihot'). ``shards`` gives the
+    """The sidecar holds the labels as index lists ('labels') and multi-hot ('multihot'), and one class as an int
+    ('label', for single-label runs on a dataset that does not list its targets). ``shards`` gives the
     record count of each shard of a split (default: one shard per split)."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(7)
@@ -46,7 +47,8 @@ def write_wds(root: Path, shards: Optional[Dict[str, List[int]]] = None) -> Path
                 for i, labels in records[sum(lengths[:shard]):sum(lengths[:shard + 1])]:
                     image = io.BytesIO()
                     Image.fromarray(_image(labels, rng)).save(image, format='PNG')
-                    meta = {'labels': labels, 'multihot': [int(c in labels) for c in range(K)]}
+                    meta = {'labels': labels, 'multihot': [int(c in labels) for c in range(K)],
+                            'label': labels[0] if labels else 0}
                     for suffix, data in (('png', image.getvalue()), ('json', json.dumps(meta).encode())):
                         info = tarfile.TarInfo(f'{split}{i:04d}.{suffix}')
                         info.size = len(data)

@@ -20,6 +20,7 @@ from timm_tfkd.checkpoint_io import read_checkpoint
 from timm_tfkd.methods import Method
 from timm_tfkd.run_folder import INVOCATIONS_FILE
 from conftest import write_image_folder
+from _multilabel_data import K as WDS_CLASSES, write_wds
 from _train_helpers import (
     TRAIN_SCRIPT, assert_run_files, assert_state_dicts_equal, call_main, load_state_dict, read_summary, run_subprocess,
     tiny_args, train_in_process,
@@ -129,6 +130,7 @@ class PairingTask(CountingTask):
 class PairingMethod(Method):
     name = 'pairing'
     description = 'test method that loads same-class pairs'
+    needs_train_targets = True
     interrupt_at = None
     anchors = None
 
@@ -301,3 +303,15 @@ def test_under_ddp_each_rank_orders_and_indexes_its_own_share(data_dir, tmp_path
     pairs = loaded.view(-1, 2)
     labels = _dataset_labels(data_dir)
     assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]])
+
+
+def test_a_dataset_that_does_not_list_its_classes_is_refused_for_a_method_that_needs_them(pairing_method, tmp_path,
+                                                                                         capsys):
+    data, output = write_wds(tmp_path / 'wds'), tmp_path / 'out'
+    argv = ['--dataset', 'wds/tiny', '--data-dir', data, '--target-key', 'label', '--num-classes', WDS_CLASSES,
+            '--model', 'test_resnet', '--img-size', 16, '-b', 8, '-j', 0, '--tfkd-mode', 'pairing', '--output', output]
+    assert call_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert '--tfkd-mode pairing needs the class of every training image' in err and 'wds/tiny' in err
+    assert not output.exists()

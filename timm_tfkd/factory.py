@@ -108,7 +108,7 @@ def create_tfkd_task(
         teacher: A ready teacher for modes that learn from one (default: built from the ``--tfkd-teacher-*`` flags).
         num_train_samples: Size of the training set (``len(dataset_train)``), needed by methods that keep
             per-sample state.
-        train_targets: The class index of every training sample (N,), for methods that choose samples by class.
+        train_targets: The class index of every training sample (N,), for methods with ``needs_train_targets``.
         device: Device for the task and teacher.
         dtype: Dtype for task tensors.
         verbose: Log the set-up (default: on rank 0 only, from ``args.rank`` as timm's ``train.py`` sets it).

@@ -84,8 +84,8 @@ class TaskContext:
         data_config: The student's resolved data config, channels fitted (the teacher's normalization needs it).
         teacher: A ready teacher for methods with ``needs_teacher`` (built from the flags when None).
         num_train_samples: Size of the training set, for methods that keep per-sample state (None: unknown).
-        train_targets: The class index of every training sample (N,), where the dataset lists them (timm's folder
-            and tar readers), for methods that choose samples by class; None otherwise.
+        train_targets: The class index of every training sample (N,) for methods with ``needs_train_targets``;
+            None for the others.
         num_aug_splits: AugMix splits of each batch (``--aug-splits``; 0: none).
         device: Device of the task (and teacher).
         dtype: Dtype of task tensors.
@@ -117,6 +117,8 @@ class Method:
         flags: The ``--tfkd-*`` flags this method reads (shared ones included); the others are ignored with a
             warning when given.
         needs_teacher: It learns from a frozen teacher given by ``--tfkd-teacher-checkpoint``.
+        needs_train_targets: It reads the class of every training sample (``TaskContext.train_targets``, e.g. to
+            draw same-class pairs); datasets that do not list them are refused for it.
         uses_timm_criterion: Plain timm training: the criterion timm's ``train.py`` built (so ``--bce-loss``,
             ``--loss`` and timm's ``--kd-*`` distillation apply); every other method brings its own loss.
         smoothing: How timm's ``--smoothing`` is treated: :data:`SMOOTHING_TIMM`, :data:`SMOOTHING_EPSILON` or
@@ -132,6 +134,7 @@ class Method:
     description: str = ''
     flags: Tuple[Flag, ...] = ()
     needs_teacher: bool = False
+    needs_train_targets: bool = False
     uses_timm_criterion: bool = False
     smoothing: str = SMOOTHING_EXPLICIT
     aug_splits: str = AUG_SPLITS_CLEAN_KD

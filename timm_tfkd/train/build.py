@@ -231,7 +231,7 @@ def create_task(
     Args:
         smoothing: Label smoothing of the cross-entropy part (after the smoothing policy).
         mixup_smoothing: The smoothing the run's Mixup / CutMix fold into their targets; None when both are off.
-        train_targets: The class index of every training sample, where the dataset lists them.
+        train_targets: The class index of every training sample, for methods with ``needs_train_targets``.
 
     Raises:
         UsageError: Loss weights that do not fit the model's classes, or a criterion timm refuses.

@@ -112,6 +112,17 @@ def _create_schedule(args: argparse.Namespace, optimizer, updates_per_epoch: int
         raise UsageError(f'--sched {args.sched}: {e}') from None
 
 
+def _train_targets(args: argparse.Namespace, dataset) -> Optional[torch.Tensor]:
+    """The class of every training sample, read only for a method that needs them."""
+    if not get_method(args.tfkd_mode).needs_train_targets:
+        return None
+    targets = dataset_targets(dataset)
+    if targets is None:
+        raise UsageError(f"--tfkd-mode {args.tfkd_mode} needs the class of every training image, which --dataset "
+                         f"{args.dataset} does not list (timm's folder and tar datasets do)")
+    return targets
+
+
 def _order_by(task, train_sampler: Optional[TrainSampler], loader_train, args: argparse.Namespace) -> None:
     """Hand the training order to a task that reads its sample indices or chooses each epoch's samples."""
     if train_sampler is None:
@@ -134,6 +145,7 @@ def prepare(command_line: CommandLine) -> Run:
     precision = create_precision(args, device)
     datasets = load_datasets(args, student_in_chans(args))
     classes_note = resolve_num_classes(args, datasets.class_names)
+    train_targets = _train_targets(args, datasets.train)
     if primary and classes_note:
         _logger.info(classes_note)
     model = create_student(args)
@@ -153,7 +165,7 @@ def prepare(command_line: CommandLine) -> Run:
                              patch_size=patch_size, verbose=primary)
     train_sampler = install_train_sampler(data.loader_train, args.seed, args.rank)
     task = create_task(args, model, smoothing, folded, data_config, data.num_train_samples, device,
-                       precision.model_dtype, primary, train_targets=dataset_targets(datasets.train))
+                       precision.model_dtype, primary, train_targets=train_targets)
     if isinstance(task, (SampleIndexed, EpochOrdered)):
         _order_by(task, train_sampler, data.loader_train, args)
     if primary:
